@@ -1,0 +1,3 @@
+"""ConStruct: structural distillation of foundation models for prototype-based WSSS."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,377 @@
+"""Typed YAML configuration: nested dataclasses with defaults, strict loading, CLI overrides.
+
+A YAML file is read with ``yaml.safe_load`` and mapped onto :class:`Config`. Unknown keys, wrong
+types and missing required values raise :class:`ConfigError` naming the file and the dotted key
+(with the closest valid key for a typo). ``--opts a.b=value`` overrides are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from construct.errors import ConfigError
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "Tumor (TUM) regions consist of malignant epithelial cells characterized by pleomorphic, "
+    "hyperchromatic nuclei, loss of glandular structure, and frequent mitotic figures, "
+    "representing the core cancerous lesions in breast tissue.",
+    "Stroma (STR) comprises the surrounding connective tissue, including fibroblasts and collagen "
+    "fibers, often appearing as pink fibrous structures and sometimes showing desmoplastic "
+    "reactions to tumor invasion.",
+    "Lymphocyte (LYM) regions contain dense clusters of small immune cells with dark, round nuclei "
+    "and minimal cytoplasm, reflecting the host immune response within the tumor "
+    "microenvironment.",
+    "Necrosis (NEC) represents areas of dead or dying tissue with pale, structureless eosinophilic "
+    "regions, nuclear debris, and \u201cghost\u201d cell remnants, typically associated with aggressive "
+    "tumor growth and poor vascularization.",
+)
+
+
+@dataclass
+class SyntheticConfig:
+    """Generate a synthetic BCSS-format dataset under ``data.root`` when it is missing."""
+
+    train: int = 600
+    val: int = 60
+    test: int = 60
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/BCSS-WSSS"
+    """Dataset root holding train/, val|valid/ and test/ (method.md §1 layout)."""
+    val_split: str = "val"
+    """Split used for model selection during training (val or test)."""
+    num_workers: int = 4
+    synthetic: SyntheticConfig | None = None
+    """When set, a synthetic dataset with these sizes is generated at ``root`` if missing."""
+
+
+@dataclass
+class ConchConfig:
+    checkpoint: str | None = "pretrained_models/conch/pytorch_model.bin"
+    """Official CONCH weights; null = random weights (tests and the offline demo)."""
+    preset: Literal["vit_b16", "tiny"] = "vit_b16"
+    tokenizer: str | None = None
+    """CONCH tokenizer JSON; null = the file shipped in the conch-fork package."""
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str | None = "pretrained_models/mit_b1"
+    """MiT-B1 weights: a Hugging Face folder (nvidia/mit-b1) or NVlabs/mmseg .pth; null = random."""
+    preset: Literal["mit_b1", "tiny"] = "mit_b1"
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 224
+    """Training tile size in pixels (a multiple of 16)."""
+    conch: ConchConfig = field(default_factory=ConchConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    """CONCH trunk blocks (0-indexed) that form the feature pyramid, one level each."""
+    level_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    """Resize factor of each pyramid level relative to the patch grid (0.5 = 2x2 average pool)."""
+    cam_levels: list[int] = field(default_factory=lambda: [3])
+    """Pyramid levels (0-indexed) whose refined features produce CAMs."""
+    cam_level_weights: list[float] = field(default_factory=lambda: [1.0])
+    """Weight of each CAM level in the fused CAM (same length as cam_levels)."""
+    distill_pairs: list[list[int]] = field(default_factory=lambda: [[3, 3]])
+    """[student level, teacher stage] pairs matched by the relational structural loss."""
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """One text description per class (TUM, STR, LYM, NEC) that initialises its prototypes."""
+    prototypes_per_class: int = 1
+    projector_ratio: float = 0.5
+    """Hidden width of the prototype MLP as a fraction of the 512-d text embedding."""
+    cam_scale_init: float = 1.0 / 0.07
+    """Initial value of the learnable cosine scale of the CAMs."""
+
+
+@dataclass
+class LossConfig:
+    cls_weight: float = 1.0
+    struct_weight: float = 1.5
+    sim_weight: float = 0.2
+    fg_threshold: float = 0.5
+    """alpha of the adaptive FG threshold: FG = CAM >= alpha * max."""
+    threshold_max: Literal["per_image", "per_class"] = "per_image"
+    """Maximum the FG threshold is relative to: one per image (authors' code) or per class."""
+    temperature: float = 0.07
+    memory_bank_size: int = 2048
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    max_iters: int | None = None
+    """Stop after this many iterations (overrides epochs when smaller); null = all epochs."""
+    batch_size: int = 10
+    lr: float = 2e-5
+    weight_decay: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    poly_power: float = 1.0
+    seed: int = 42
+    mixed_precision: bool = True
+    """bf16 autocast on CUDA (CPU always runs fp32)."""
+    eval_interval: int = 0
+    """Validate every N iterations; 0 = once per epoch."""
+    checkpoint_interval: int = 0
+    """Also write latest.pth every N iterations; 0 = only at each validation."""
+    log_interval: int = 10
+    """Write a JSONL log line every N iterations."""
+
+
+@dataclass
+class CrfConfig:
+    enabled: bool = True
+    iterations: int = 5
+    gaussian_sxy: float = 15.0
+    gaussian_compat: float = 30.0
+    bilateral_sxy: float = 10.0
+    bilateral_srgb: float = 20.0
+    bilateral_compat: float = 50.0
+
+
+@dataclass
+class InferenceConfig:
+    presence: Literal["predicted", "ground_truth"] = "predicted"
+    """Class gating of the CAMs: sigmoid(logit) > presence_gate, or the oracle from the GT mask."""
+    presence_gate: float = 0.5
+    background_power: float = 10.0
+    """Background channel = (1 - max_c CAM_c) ** background_power."""
+    tta_flip: bool = True
+    tta_scales: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    tile_stride: int = 112
+    """Stride of the sliding window on images larger than model.image_size."""
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    work_dir: str = "work_dirs/bcss/construct"
+    """Run folder: resolved config.yaml, latest.pth, best.pth, logs."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{source}: '{key}' must not be null")
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError:
+                if len(args) == 2:
+                    raise
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, source, prefix=f"{key}.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
+        raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {k: _convert(v, hints[k], prefix + k, source) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a field without a default was not given
+        raise ConfigError(f"{source}: missing required value in '{prefix.rstrip('.') or 'root'}': {exc}") from None
+
+
+def config_from_dict(values: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a validated :class:`Config` from plain data (missing keys take their defaults)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    config = _build(Config, values, source)
+    validate(config, source)
+    return config
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--opts: expected key=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--opts: cannot parse the value of '{key}': {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` overrides (values parsed as YAML scalars) on raw config data."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = values
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+BASE_KEY = "_base_"
+"""A config may name another file (relative to itself) whose values it overrides."""
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        where = f" (the {BASE_KEY} of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: {BASE_KEY} chain loops back to itself")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = values.pop(BASE_KEY, None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be a file path")
+    return _merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), values)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (and its ``_base_`` chain), apply ``--opts`` overrides, validate."""
+    path = Path(path)
+    values = _read_yaml(path)
+    source = str(path) + (" with --opts" if overrides else "")
+    return config_from_dict(apply_overrides(values, overrides or []), source)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain data (lists, dicts, scalars) for YAML files and checkpoints."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def validate(config: Config, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    model = config.model
+    levels = len(model.feature_blocks)
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: '{key}' {message}")
+
+    if model.image_size <= 0 or model.image_size % 16:
+        fail("model.image_size", f"must be a positive multiple of 16, got {model.image_size}")
+    if len(model.level_scales) != levels:
+        fail("model.level_scales", f"needs one entry per feature block ({levels}), got {len(model.level_scales)}")
+    for i, scale in enumerate(model.level_scales):
+        if not (scale >= 1.0 or (scale > 0 and abs(1.0 / scale - round(1.0 / scale)) < 1e-6)):
+            fail(f"model.level_scales[{i}]", f"must be >= 1 (upsampling) or 1/k (k x k average pooling), got {scale}")
+    if not model.cam_levels:
+        fail("model.cam_levels", "must name at least one pyramid level")
+    if len(model.cam_level_weights) != len(model.cam_levels):
+        fail("model.cam_level_weights", f"needs one weight per CAM level ({len(model.cam_levels)})")
+    for i, level in enumerate(model.cam_levels):
+        if not 0 <= level < levels:
+            fail(f"model.cam_levels[{i}]", f"must be a pyramid level in 0..{levels - 1}, got {level}")
+    for i, pair in enumerate(model.distill_pairs):
+        if len(pair) != 2 or not 0 <= pair[0] < levels or not 0 <= pair[1] < 4:
+            fail(f"model.distill_pairs[{i}]", f"must be [student level 0..{levels - 1}, teacher stage 0..3], got {pair}")
+        if pair[0] not in model.cam_levels:
+            # Distilling a level that feeds no CAM cannot change the output (method.md §9.1).
+            fail(f"model.distill_pairs[{i}]", f"student level {pair[0]} must be one of model.cam_levels {model.cam_levels}")
+    if len(model.prompts) != 4:
+        fail("model.prompts", f"needs one prompt per class (TUM, STR, LYM, NEC), got {len(model.prompts)}")
+    if model.prototypes_per_class < 1:
+        fail("model.prototypes_per_class", "must be at least 1")
+    if len(config.train.betas) != 2:
+        fail("train.betas", f"must hold two numbers, got {config.train.betas}")
+    if config.train.batch_size < 1:
+        fail("train.batch_size", "must be at least 1")
+    if not 0.0 < config.loss.fg_threshold < 1.0:
+        fail("loss.fg_threshold", f"must lie in (0, 1), got {config.loss.fg_threshold}")
+    if config.loss.memory_bank_size < 0:
+        fail("loss.memory_bank_size", "must be >= 0")
+    if not config.inference.tta_scales:
+        fail("inference.tta_scales", "must hold at least one scale (use [1.0] for none)")
+    if config.inference.tile_stride <= 0:
+        fail("inference.tile_stride", "must be positive")
+    if config.data.val_split not in ("val", "valid", "test"):
+        fail("data.val_split", f"must be val, valid or test, got '{config.data.val_split}'")

@@ -1,0 +1,1 @@
+"""Training and evaluation loops, kept apart from the model code."""

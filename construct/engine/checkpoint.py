@@ -1,0 +1,77 @@
+"""Checkpoints as plain data: written atomically, read with weights-only unpickling."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from construct.errors import CheckpointError
+
+FORMAT = "construct-checkpoint-v1"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` via a temporary file and an atomic rename.
+
+    A crash mid-write leaves the previous checkpoint intact (and at worst a stray ``.tmp``).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save({"format": FORMAT, **state}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a ConStruct checkpoint; refuses pickled objects and files of other formats."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused by weights-only loading (it holds pickled objects, not plain data): {first_line}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ConStruct checkpoint (expected format '{FORMAT}')")
+    return state
+
+
+def backbone_fingerprint(module: torch.nn.Module) -> float:
+    """A cheap checksum of frozen weights, to notice random backbones that differ between runs."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
+def backbone_identity(conch: torch.nn.Module, teacher: torch.nn.Module | None, conch_checkpoint: str | None,
+                      teacher_checkpoint: str | None) -> dict[str, str]:
+    """What frozen weights a run used: checkpoint paths, or a checksum of random weights."""
+    identity = {"conch": conch_checkpoint or f"random:{backbone_fingerprint(conch):.6e}"}
+    if teacher is not None:
+        identity["teacher"] = teacher_checkpoint or f"random:{backbone_fingerprint(teacher):.6e}"
+    return identity
+
+
+def check_backbones(checkpoint: dict[str, Any], identity: dict[str, str], path: str | Path) -> None:
+    """Refuse a checkpoint trained on other frozen weights than the ones built now."""
+    saved_identity = checkpoint.get("backbones", {})
+    for name, current in identity.items():
+        saved = saved_identity.get(name)
+        if saved is not None and not _same_backbone(saved, current):
+            raise CheckpointError(f"{path}: was trained with {name} backbone '{saved}', this config gives '{current}'")
+
+
+def _same_backbone(saved: str, current: str) -> bool:
+    if saved.startswith("random:") and current.startswith("random:"):
+        return math.isclose(float(saved[7:]), float(current[7:]), rel_tol=1e-5)
+    # Paths may legitimately move between machines; only random-vs-real is a real mismatch.
+    return saved.startswith("random:") == current.startswith("random:")

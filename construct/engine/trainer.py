@@ -1,0 +1,267 @@
+"""One-stage ConStruct training: AdamW + poly schedule, validation, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from construct.config import Config, config_to_dict, save_config
+from construct.data.datasets import EvalDataset, TrainDataset
+from construct.engine.checkpoint import backbone_identity, check_backbones, load_checkpoint, save_checkpoint
+from construct.engine.data import ResumableSampler, SeededAugmentation
+from construct.engine.distributed import DistInfo, barrier
+from construct.engine.objective import ConStructObjective
+from construct.engine.validate import validate
+from construct.errors import CheckpointError, ConStructError
+from construct.models.build import build_model, build_teacher
+from construct.models.construct import ConStructModel
+
+
+class TrainingError(ConStructError):
+    """Training cannot go on (a non-finite loss, an incompatible resume, a reused work dir)."""
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    best_miou: float
+    best_iteration: int
+    work_dir: Path
+
+
+def parameter_report(groups: dict[str, list[torch.nn.Parameter]]) -> str:
+    """Total and trainable parameters per group, and the trainable share of everything."""
+    rows = []
+    grand_total = grand_trainable = 0
+    for name, params in groups.items():
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        grand_total += total
+        grand_trainable += trainable
+        rows.append(f"  {name:<16} {total:>13,} total {trainable:>12,} trainable")
+    share = 100.0 * grand_trainable / max(grand_total, 1)
+    rows.append(f"  {'all':<16} {grand_total:>13,} total {grand_trainable:>12,} trainable ({share:.2f}%)")
+    return "parameters:\n" + "\n".join(rows)
+
+
+def poly_lambda(total_iterations: int, power: float) -> Callable[[int], float]:
+    """Poly decay without warm-up: lr_t = lr_0 · (1 − t/T)^power."""
+    return lambda step: max(0.0, 1.0 - step / max(total_iterations, 1)) ** power
+
+
+def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> Path:
+    """The run folder; an existing run is reused only with --resume or --overwrite."""
+    work_dir = Path(config.work_dir)
+    if (work_dir / "latest.pth").exists() and not (resume or overwrite):
+        raise TrainingError(
+            f"{work_dir} already holds a run (latest.pth); pass --resume to continue it or --overwrite to start again"
+        )
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        probe = work_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"{work_dir}: work dir is not writable ({exc.strerror})") from None
+    return work_dir
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; mirrors scalars to TensorBoard when it is installed."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                self.tensorboard = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("iteration", "epoch"):
+                    self.tensorboard.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["iteration"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _ensure_data(config: Config, dist_info: DistInfo) -> None:
+    synthetic = config.data.synthetic
+    if synthetic is not None and dist_info.is_main:
+        from construct.data.synthetic import generate_dataset
+
+        generate_dataset(config.data.root, synthetic.train, synthetic.val, synthetic.test, synthetic.seed,
+                         size=config.model.image_size)
+    barrier(dist_info)
+
+
+def train(
+    config: Config,
+    dist_info: DistInfo,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train ConStruct as configured; returns where the run ended and its best validation mIoU."""
+    device = dist_info.device
+    work_dir = prepare_work_dir(config, resume is not None, overwrite)
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if dist_info.is_main:
+        save_config(config, work_dir / "config.yaml")
+        if checkpoint is None:
+            (work_dir / "log.jsonl").unlink(missing_ok=True)
+
+    _ensure_data(config, dist_info)
+    train_set = TrainDataset(config.data.root, augment=False)
+    val_set = EvalDataset(config.data.root, config.data.val_split)
+    train_cfg = config.train
+    sampler = ResumableSampler(len(train_set), train_cfg.batch_size, train_cfg.seed, dist_info.rank, dist_info.world_size)
+    if sampler.batches_per_epoch == 0:
+        raise TrainingError(
+            f"{config.data.root}: {len(train_set)} training images give no full batch of "
+            f"train.batch_size={train_cfg.batch_size} per process"
+        )
+    workers = config.data.num_workers
+    train_loader = DataLoader(SeededAugmentation(train_set, train_cfg.seed), batch_size=train_cfg.batch_size,
+                              sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                              persistent_workers=False)
+    val_loader = DataLoader(val_set, batch_size=config.inference.batch_size, num_workers=workers)
+
+    model = build_model(config, device)
+    teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
+    objective = ConStructObjective(model, teacher, config).to(device)
+    if dist_info.is_main:
+        groups = {"conch (frozen)": list(model.conch.parameters())}
+        if teacher is not None:
+            groups["teacher (frozen)"] = list(teacher.parameters())
+        groups.update({"adapters": list(model.adapters.parameters()), "prototypes": list(model.prototypes.parameters()),
+                       "adaptive_layer": list(model.adaptive_layer.parameters()), "cam_scale": [model.cam_scale]})
+        print(parameter_report(groups))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                  betas=tuple(train_cfg.betas))
+    iterations_per_epoch = sampler.batches_per_epoch
+    total_iterations = iterations_per_epoch * train_cfg.epochs
+    if train_cfg.max_iters is not None:
+        total_iterations = min(total_iterations, train_cfg.max_iters)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power))
+
+    identity = backbone_identity(model.conch, teacher, config.model.conch.checkpoint, config.model.teacher.checkpoint)
+    iteration = 0
+    best = {"miou": -1.0, "iteration": 0}
+    if checkpoint is not None:
+        iteration, best = _restore(checkpoint, resume, model, objective, optimizer, scheduler, identity)
+
+    step_module: torch.nn.Module = objective
+    if dist_info.enabled:
+        # Buffers stay per rank: each rank keeps its own memory bank of negatives.
+        step_module = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+
+    def state(it: int) -> dict[str, Any]:
+        return {
+            "model": model.trainable_state_dict(),
+            "objective": objective.extra_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "iteration": it,
+            "best": dict(best),
+            "config": config_to_dict(config),
+            "backbones": identity,
+        }
+
+    logger = JsonlLogger(work_dir / "log.jsonl", dist_info.is_main)
+    use_bf16 = train_cfg.mixed_precision and device.type == "cuda"
+    eval_every = train_cfg.eval_interval or iterations_per_epoch
+    model.train()
+    progress = tqdm(total=total_iterations, initial=iteration, desc="train", dynamic_ncols=True,
+                    disable=not dist_info.is_main)
+    started = time.time()
+    try:
+        while iteration < total_iterations:
+            epoch, start_batch = divmod(iteration, iterations_per_epoch)
+            sampler.set_epoch(epoch, start_batch)
+            for batch in train_loader:
+                images = batch["image"].to(device, non_blocking=True)
+                labels = batch["label"].to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    losses = step_module(images, labels)
+                total = losses["total"]
+                if not torch.isfinite(total):
+                    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    kept = work_dir / "latest.pth"
+                    raise TrainingError(
+                        f"loss is not finite at iteration {iteration + 1} ({terms}); stopped. "
+                        + (f"The last good checkpoint is {kept}" if kept.exists() else "No checkpoint was written yet")
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                iteration += 1
+                scalars = {k: float(v) for k, v in losses.items()}
+                progress.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()}, refresh=False)
+                progress.update()
+                if iteration % train_cfg.log_interval == 0:
+                    logger.log({"kind": "train", "iteration": iteration, "epoch": epoch,
+                                "lr": scheduler.get_last_lr()[0], **scalars, "elapsed_s": time.time() - started})
+                evaluate_now = iteration % eval_every == 0 or iteration == total_iterations
+                if evaluate_now:
+                    metrics = validate(model, val_loader, config, device) if dist_info.is_main else {}
+                    if dist_info.is_main:
+                        logger.log({"kind": "val", "iteration": iteration, "epoch": epoch, **metrics})
+                        progress.write(f"iteration {iteration}: val mIoU {metrics['miou']:.2f} "
+                                       f"mDice {metrics['mdice']:.2f} cls acc {metrics['cls_accuracy']:.1f}")
+                        if metrics["miou"] > best["miou"]:
+                            best = {"miou": metrics["miou"], "iteration": iteration}
+                            save_checkpoint(state(iteration), work_dir / "best.pth")
+                if dist_info.is_main and (evaluate_now or (train_cfg.checkpoint_interval
+                                                           and iteration % train_cfg.checkpoint_interval == 0)):
+                    save_checkpoint(state(iteration), work_dir / "latest.pth")
+                if evaluate_now:
+                    barrier(dist_info)
+                if iteration >= total_iterations:
+                    break
+    finally:
+        progress.close()
+        logger.close()
+    return TrainResult(iterations=iteration, best_miou=best["miou"], best_iteration=best["iteration"], work_dir=work_dir)
+
+
+def _restore(checkpoint: dict[str, Any], path: str | Path, model: ConStructModel, objective: ConStructObjective,
+             optimizer: torch.optim.Optimizer, scheduler: Any, identity: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Load every piece of a training checkpoint; a mismatch names what differs."""
+    check_backbones(checkpoint, identity, path)
+    try:
+        model.load_trainable_state_dict(checkpoint["model"])
+        objective.load_extra_state_dict(checkpoint["objective"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: does not fit this model/config: {exc}") from None
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return int(checkpoint["iteration"]), dict(checkpoint["best"])

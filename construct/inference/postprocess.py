@@ -1,0 +1,31 @@
+"""CAM post-processing: from raw CAMs to 5-channel class probabilities (method.md §7)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def presence_from_logits(logits: torch.Tensor, gate: float) -> torch.Tensor:
+    """Predicted class presence (B×C float 0/1): sigmoid(logit) > gate."""
+    return (torch.sigmoid(logits.float()) > gate).float()
+
+
+def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
+    """ReLU then per-image, per-class min-max scaling to [0, 1]."""
+    cams = cams.float().relu()
+    low = cams.amin(dim=(2, 3), keepdim=True)
+    high = cams.amax(dim=(2, 3), keepdim=True)
+    return (cams - low) / (high - low).clamp_min(1e-5)
+
+
+def cam_probabilities(cams: torch.Tensor, presence: torch.Tensor, size: tuple[int, int],
+                      background_power: float) -> torch.Tensor:
+    """Normalised, presence-gated CAMs upsampled to ``size`` plus a background channel.
+
+    Returns B×(C+1)×H×W; the last channel is (1 − max_c CAM_c) ** background_power.
+    """
+    gated = normalize_cams(cams) * presence.float()[:, :, None, None]
+    gated = F.interpolate(gated, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    background = (1.0 - gated.amax(dim=1, keepdim=True)) ** background_power
+    return torch.cat([gated, background], dim=1)

@@ -1,0 +1,65 @@
+"""Builders that turn a :class:`~construct.config.Config` into models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from construct.config import Config
+from construct.engine.checkpoint import backbone_identity, check_backbones, load_checkpoint
+from construct.errors import CheckpointError
+from construct.models.conch import load_conch, tokenize
+from construct.models.construct import ConStructModel
+from construct.models.segformer import MiTTeacher, load_mit_teacher
+
+
+def build_model(config: Config, device: torch.device | str = "cpu") -> ConStructModel:
+    """CONCH student + adapters + text-initialised prototypes, on ``device``.
+
+    Frozen backbones without a checkpoint get random weights drawn from ``train.seed``, so a run,
+    its resume and its evaluation all see the same network.
+    """
+    model_cfg = config.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        conch = load_conch(model_cfg.conch.checkpoint, image_size=model_cfg.image_size, preset=model_cfg.conch.preset,
+                           tokenizer_path=model_cfg.conch.tokenizer)
+        with torch.no_grad():
+            text_embeddings = conch.encode_text(tokenize(model_cfg.prompts, model_cfg.conch.tokenizer))
+        model = ConStructModel(
+            conch=conch,
+            text_embeddings=text_embeddings,
+            feature_blocks=model_cfg.feature_blocks,
+            level_scales=model_cfg.level_scales,
+            cam_levels=model_cfg.cam_levels,
+            cam_level_weights=model_cfg.cam_level_weights,
+            prototypes_per_class=model_cfg.prototypes_per_class,
+            projector_ratio=model_cfg.projector_ratio,
+            cam_scale_init=model_cfg.cam_scale_init,
+        )
+    return model.to(device)
+
+
+def build_teacher(config: Config, device: torch.device | str = "cpu") -> MiTTeacher:
+    """The frozen MiT teacher (only needed when the structural loss is on)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed + 1)
+        teacher = load_mit_teacher(config.model.teacher.checkpoint, preset=config.model.teacher.preset)
+    return teacher.to(device)
+
+
+def load_trained_model(config: Config, checkpoint_path: str | Path, device: torch.device | str = "cpu") -> ConStructModel:
+    """Build the model of ``config`` and load a training checkpoint's trainable state, in eval mode.
+
+    A checkpoint of another model or config fails with the mismatched keys listed.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = build_model(config, "cpu")
+    identity = backbone_identity(model.conch, None, config.model.conch.checkpoint, None)
+    check_backbones(checkpoint, identity, checkpoint_path)
+    try:
+        model.load_trainable_state_dict(checkpoint["model"])
+    except KeyError as exc:
+        raise CheckpointError(f"{checkpoint_path}: does not fit the model of this config: {exc.args[0]}") from None
+    return model.to(device).eval()

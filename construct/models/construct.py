@@ -1,0 +1,123 @@
+"""The ConStruct model: frozen CONCH → feature pyramid → adapters → prototype CAMs → logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from construct.models.adapters import ResidualAdapter
+from construct.models.conch import ConchModel
+from construct.models.prototypes import AdaptiveLayer, PrototypeBank
+
+
+@dataclass
+class ConStructOutput:
+    """What one forward pass returns (fields by name, never by position)."""
+
+    cams: torch.Tensor
+    """B×num_classes×h×w fused CAMs (scaled cosine) on the finest CAM-level grid."""
+    logits: torch.Tensor
+    """B×num_classes image logits: weighted mean of the per-level GAP logits."""
+    level_logits: list[torch.Tensor]
+    """GAP logits of each CAM level, in ``cam_levels`` order (each B×num_classes)."""
+    refined: dict[int, torch.Tensor]
+    """Adapter outputs per pyramid level (B×C×h×w), for every level that is computed."""
+
+
+def resize_level(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Resize a patch grid: bilinear up for scale ≥ 1, average pooling for 1/k."""
+    if scale >= 1.0:
+        if scale == 1.0:
+            return features
+        return F.interpolate(features, scale_factor=scale, mode="bilinear", align_corners=False)
+    return F.avg_pool2d(features, kernel_size=round(1.0 / scale))
+
+
+class ConStructModel(nn.Module):
+    """Prototype-based CAM model on a frozen CONCH student.
+
+    Only the pyramid levels that feed CAMs are computed and own an adapter. The structural loss
+    is applied to those same refined features, so distillation shapes the CAMs (method.md §9.1).
+    """
+
+    def __init__(
+        self,
+        conch: ConchModel,
+        text_embeddings: torch.Tensor,
+        feature_blocks: list[int],
+        level_scales: list[float],
+        cam_levels: list[int],
+        cam_level_weights: list[float],
+        prototypes_per_class: int,
+        projector_ratio: float,
+        cam_scale_init: float,
+    ) -> None:
+        super().__init__()
+        self.conch = conch
+        self.feature_blocks = list(feature_blocks)
+        self.level_scales = list(level_scales)
+        self.cam_levels = list(cam_levels)
+        self.cam_level_weights = list(cam_level_weights)
+        width = conch.trunk_width
+        self.adapters = nn.ModuleDict({str(level): ResidualAdapter(width) for level in sorted(set(cam_levels))})
+        self.prototypes = PrototypeBank(text_embeddings, prototypes_per_class)
+        self.adaptive_layer = AdaptiveLayer(self.prototypes.dim, width, projector_ratio)
+        self.cam_scale = nn.Parameter(torch.tensor(float(cam_scale_init)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.num_classes
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen CONCH weights: what a checkpoint stores."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("conch.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict load of :meth:`trainable_state_dict` output; raises KeyError/RuntimeError on mismatch."""
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
+            raise KeyError(_describe_mismatch(missing, unexpected, shapes))
+        self.load_state_dict(state, strict=False)
+
+    def pyramid(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Frozen CONCH block features of the CAM levels, resized to their pyramid scales."""
+        levels = sorted(self.adapters.keys(), key=int)
+        blocks = tuple(self.feature_blocks[int(level)] for level in levels)
+        with torch.no_grad():
+            grids = self.conch.block_features(images, blocks=blocks)
+        return {int(level): resize_level(grid.float(), self.level_scales[int(level)]) for level, grid in zip(levels, grids)}
+
+    def level_cam(self, refined: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarity of every position with every class (max over its prototypes)."""
+        features = F.normalize(refined, dim=1)
+        sims = torch.einsum("bchw,kc->bkhw", features, F.normalize(projected, dim=-1))
+        return self.prototypes.reduce_per_class(sims * self.cam_scale)
+
+    def forward(self, images: torch.Tensor) -> ConStructOutput:
+        refined = {level: self.adapters[str(level)](grid) for level, grid in self.pyramid(images).items()}
+        projected = self.adaptive_layer(self.prototypes())
+        level_cams = [self.level_cam(refined[level], projected) for level in self.cam_levels]
+        level_logits = [cam.mean(dim=(2, 3)) for cam in level_cams]
+        total = sum(self.cam_level_weights)
+        finest = max(level_cams, key=lambda cam: cam.shape[-1]).shape[-2:]
+        cams = sum(
+            w * F.interpolate(cam, size=finest, mode="bilinear", align_corners=False)
+            for w, cam in zip(self.cam_level_weights, level_cams)
+        ) / total
+        logits = sum(w * lg for w, lg in zip(self.cam_level_weights, level_logits)) / total
+        return ConStructOutput(cams=cams, logits=logits, level_logits=level_logits, refined=refined)
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 8) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)

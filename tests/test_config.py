@@ -1,0 +1,128 @@
+"""Config loading: defaults, strict keys with suggestions, types, overrides, _base_ chains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from construct.config import Config, config_to_dict, load_config, save_config
+from construct.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_configs_load():
+    bcss = load_config(REPO / "configs/bcss.yaml")
+    assert bcss.work_dir == "work_dirs/bcss/construct"
+    assert (bcss.loss.cls_weight, bcss.loss.struct_weight, bcss.loss.sim_weight) == (1.0, 1.5, 0.2)
+    assert bcss.train.lr == 2e-5 and bcss.train.batch_size == 10 and bcss.train.seed == 42
+    no_distill = load_config(REPO / "configs/bcss_no_distill.yaml")
+    assert no_distill.loss.struct_weight == 0.0
+    assert no_distill.train == bcss.train  # only what the override names changes
+    demo = load_config(REPO / "configs/demo.yaml")
+    assert demo.model.conch.checkpoint is None and demo.model.conch.preset == "tiny"
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_unknown_key_names_file_and_dotted_key_with_suggestion(tmp_path):
+    path = write(tmp_path / "c.yaml", {"train": {"batch_szie": 4}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "train.batch_szie" in message and "train.batch_size" in message
+    assert "\n" not in message
+
+
+def test_unknown_section_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'model'"):
+        load_config(write(tmp_path / "c.yaml", {"modle": {}}))
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"train": {"batch_size": "ten"}}, "train.batch_size"),
+        ({"train": {"lr": True}}, "train.lr"),
+        ({"loss": {"threshold_max": "per_pixel"}}, "loss.threshold_max"),
+        ({"model": {"cam_levels": 3}}, "model.cam_levels"),
+        ({"model": {"conch": "weights.bin"}}, "model.conch"),
+        ({"data": {"root": None}}, "data.root"),
+    ],
+)
+def test_wrong_types_name_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path / "c.yaml", data))
+
+
+def test_int_accepted_for_float_and_null_for_optional(tmp_path):
+    config = load_config(write(tmp_path / "c.yaml", {"train": {"lr": 1, "max_iters": None}}))
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.max_iters is None
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    path = write(tmp_path / "c.yaml", {"train": {"batch_size": 10}})
+    config = load_config(path, ["train.batch_size=4", "data.root=/x", "model.conch.checkpoint=null",
+                                "inference.tta_scales=[1.0]", "data.synthetic.train=5"])
+    assert config.train.batch_size == 4
+    assert config.data.root == "/x"
+    assert config.model.conch.checkpoint is None
+    assert config.inference.tta_scales == [1.0]
+    assert config.data.synthetic is not None and config.data.synthetic.train == 5
+
+
+def test_override_errors(tmp_path):
+    path = write(tmp_path / "c.yaml", {})
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["train.batch_size"])
+    with pytest.raises(ConfigError, match="train.bach_size"):
+        load_config(path, ["train.bach_size=3"])
+
+
+def test_cross_field_validation(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.distill_pairs\[0\]"):
+        load_config(write(tmp_path / "a.yaml", {"model": {"cam_levels": [2], "distill_pairs": [[3, 3]]}}))
+    with pytest.raises(ConfigError, match="model.cam_level_weights"):
+        load_config(write(tmp_path / "b.yaml", {"model": {"cam_levels": [2, 3], "cam_level_weights": [1.0]}}))
+    with pytest.raises(ConfigError, match="model.image_size"):
+        load_config(write(tmp_path / "c.yaml", {"model": {"image_size": 200}}))
+    with pytest.raises(ConfigError, match="model.prompts"):
+        load_config(write(tmp_path / "d.yaml", {"model": {"prompts": ["only one"]}}))
+
+
+def test_base_chain_and_missing_base(tmp_path):
+    write(tmp_path / "base.yaml", {"train": {"batch_size": 3, "lr": 0.5}})
+    child = write(tmp_path / "child.yaml", {"_base_": "base.yaml", "train": {"lr": 0.1}})
+    config = load_config(child)
+    assert config.train.batch_size == 3 and config.train.lr == 0.1
+    orphan = write(tmp_path / "orphan.yaml", {"_base_": "nope.yaml"})
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(orphan)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(REPO / "configs/bcss.yaml", ["train.batch_size=3"])
+    save_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(config)
