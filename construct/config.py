@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from construct.errors import ConfigError
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "Tumor (TUM) regions consist of malignant epithelial cells characterized by pleomorphic, "
@@ -209,6 +212,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
         return _build(tp, value, source, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            # PyYAML reads 1e-3 (no dot) as a string; users mean the number.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +124,10 @@ def train(
 ) -> TrainResult:
     """Train ConStruct as configured; returns where the run ended and its best validation mIoU."""
     device = dist_info.device
-    work_dir = prepare_work_dir(config, resume is not None, overwrite)
+    work_dir = Path(config.work_dir)
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if dist_info.is_main:
+        prepare_work_dir(config, resume is not None, overwrite)
         save_config(config, work_dir / "config.yaml")
         if checkpoint is None:
             (work_dir / "log.jsonl").unlink(missing_ok=True)
@@ -175,8 +177,11 @@ def train(
     step_module: torch.nn.Module = objective
     if dist_info.enabled:
         # Buffers stay per rank: each rank keeps its own memory bank of negatives.
-        step_module = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+        with warnings.catch_warnings():
+            # broadcast_buffers=False is still the only way to keep buffers rank-local at init.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            step_module = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def state(it: int) -> dict[str, Any]:
         return {
@@ -221,7 +226,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 iteration += 1
-                scalars = {k: float(v) for k, v in losses.items()}
+                scalars = {k: float(v.detach()) for k, v in losses.items()}
                 progress.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()}, refresh=False)
                 progress.update()
                 if iteration % train_cfg.log_interval == 0:

@@ -1,0 +1,109 @@
+"""Reading and writing tiles and masks, with errors that name the offending file.
+
+Every read forces a full decode (``Image.load``) so a corrupt or truncated PNG fails here,
+not halfway through training; PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False on
+purpose. Writes go to a temporary file that is then renamed, so a crash never leaves a
+half-written PNG behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from construct.constants import BACKGROUND_INDEX, PALETTE
+from construct.errors import DataError
+
+_MAX_MASK_VALUE = BACKGROUND_INDEX
+_FLAT_PALETTE = [v for rgb in PALETTE for v in rgb]
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning any failure into a DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return img
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError and "image file is truncated" are OSErrors; broken
+        # chunks in some formats surface as SyntaxError or ValueError.
+        raise DataError(f"{path}: not a readable image ({exc})") from exc
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as an H×W×3 uint8 RGB array.
+
+    Grey and palette images are converted to RGB. Images with transparency (RGBA, LA, or a
+    palette with a transparent entry) are alpha-composited onto white, the colour of empty
+    slide background, rather than having their alpha dropped. Modes that are not 8 bits per
+    channel (16-bit, float) raise DataError.
+    """
+    path = Path(path)
+    img = _open(path)
+    if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
+        raise DataError(f"{path}: unsupported image mode {img.mode!r}; expected 8-bit RGB, grey or palette")
+    if img.mode in ("LA", "PA", "RGBA") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.rint(rgb).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a class-index mask (palette 'P' or grey 'L' PNG) as an H×W uint8 array.
+
+    Values must be class indices 0–4 (TUM, STR, LYM, NEC, BACK); others raise DataError.
+    """
+    path = Path(path)
+    img = _open(path)
+    if img.mode not in ("P", "L"):
+        raise DataError(
+            f"{path}: mask has mode {img.mode!r}; expected a palette ('P') or grey ('L') PNG "
+            f"holding class indices 0-{_MAX_MASK_VALUE}"
+        )
+    mask = np.asarray(img, dtype=np.uint8).copy()
+    bad = np.unique(mask[mask > _MAX_MASK_VALUE])
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
+        raise DataError(f"{path}: mask holds invalid class values {shown}; expected 0-{_MAX_MASK_VALUE}")
+    return mask
+
+
+def _save_atomic(img: Image.Image, path: Path, **params: object) -> None:
+    """Save ``img`` as PNG via a temporary file in the same folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", **params)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_image(path: str | Path, image: np.ndarray, compress_level: int = 6) -> None:
+    """Write an H×W×3 uint8 RGB array as a PNG (atomically)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an H×W×3 uint8 array, got {image.dtype} {image.shape}")
+    _save_atomic(Image.fromarray(image), Path(path), compress_level=compress_level)
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write an H×W class-index mask (values 0–4) as a palette PNG with the project palette."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"expected an H×W integer mask, got {mask.dtype} {mask.shape}")
+    if mask.size and (mask.min() < 0 or mask.max() > _MAX_MASK_VALUE):
+        raise ValueError(f"mask values must be 0-{_MAX_MASK_VALUE}, got {mask.min()}..{mask.max()}")
+    img = Image.fromarray(mask.astype(np.uint8))
+    img.putpalette(_FLAT_PALETTE)  # turns the 'L' image into a 'P' image
+    _save_atomic(img, Path(path))

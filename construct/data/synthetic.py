@@ -1,0 +1,344 @@
+"""Synthetic BCSS-WSSS-format data for demos and tests (no real slides needed).
+
+Each tile hides a class mask made of 1–4 tissue regions (warped Voronoi cells, so regions are
+large with wavy borders) and sometimes a background region. Every class has its own H&E-like
+colour and texture, distinct at the scale of a 16-px ViT patch:
+
+- TUM: large purple, slightly elongated nuclei packed on pinkish-purple cytoplasm;
+- STR: pink collagen fibres (oriented wavy streaks) with sparse spindle nuclei;
+- LYM: small, dark, round nuclei packed densely;
+- NEC: pale eosinophilic blotches with scattered nuclear debris and faint "ghost" cells;
+- BACK: near-white.
+
+Train tiles are labelled with the tissue classes present in their hidden mask. Each tile is
+drawn from its own numpy Generator seeded by (seed, split, index), so a tile does not depend
+on the other splits' sizes. The dataset is built in a hidden sibling folder and renamed into
+place at the end, so an interrupted run never leaves a half-made dataset at ``out``.
+
+    python -m construct.data.synthetic --out data/synthetic --train 1000 --val 200 --test 200 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from construct.constants import BACKGROUND_INDEX, NUM_CLASSES
+from construct.data.io import write_image, write_mask
+from construct.errors import ConStructError, DataError
+
+MANIFEST = "synthetic.json"
+_VERSION = 1  # bump when the images change, so an old dataset no longer counts as complete
+_SPLITS = ("train", "val", "test")
+_SLIDE_GRID = 8  # 8×8 tiles per fake slide, only for plausible file names
+_TILES_PER_SLIDE = _SLIDE_GRID**2
+
+# Class colours (RGB, 0-255): ground colour, and the colour of its nuclei / fibres.
+_BACK = np.array([243, 241, 245], np.float32)
+_TUM_CYTO, _TUM_NUC = np.array([216, 158, 212], np.float32), np.array([98, 52, 150], np.float32)
+_STR_BASE, _STR_FIBRE = np.array([242, 190, 212], np.float32), np.array([214, 92, 152], np.float32)
+_LYM_BASE, _LYM_NUC = np.array([200, 158, 208], np.float32), np.array([50, 30, 108], np.float32)
+_NEC_BASE, _NEC_DEBRIS = np.array([234, 204, 224], np.float32), np.array([130, 64, 148], np.float32)
+_NEC_GHOST = np.array([214, 172, 202], np.float32)
+_NUC_SPINDLE = np.array([110, 60, 150], np.float32)
+
+
+@lru_cache(maxsize=16)
+def _gaussian_transfer(size: int, sigma: float) -> np.ndarray:
+    """rfft2 transfer function of a Gaussian blur (std ``sigma`` px) that keeps white noise at
+    unit variance and removes its mean."""
+    fy = np.fft.fftfreq(size)[:, None]
+    full = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fy**2 + np.fft.fftfreq(size)[None, :] ** 2))
+    full[0, 0] = 0.0
+    half = full[:, : size // 2 + 1] / np.sqrt(np.mean(full**2))
+    return half.astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """A size×size zero-mean Gaussian random field of unit variance, correlation length ~sigma."""
+    # A field this smooth has no detail below ~sigma, so it is drawn on a grid up to 16× coarser
+    # (keeping >= 2 coarse pixels per sigma) and upsampled: the same look at a fraction of the cost.
+    factor = 1
+    while factor < 16 and factor * 2 <= sigma / 2:
+        factor *= 2
+    m = -(-size // factor)
+    white = rng.standard_normal((m, m), dtype=np.float32)
+    field = np.fft.irfft2(np.fft.rfft2(white) * _gaussian_transfer(m, sigma / factor), s=(m, m))
+    if factor > 1:
+        field = np.asarray(Image.fromarray(field).resize((m * factor, m * factor), Image.Resampling.BICUBIC))
+    return field[:size, :size]
+
+
+def _nuclei_edge(
+    rng: np.random.Generator,
+    y: np.ndarray,
+    x: np.ndarray,
+    cell: float,
+    radius: tuple[float, float],
+    aspect: tuple[float, float] = (1.0, 1.0),
+    keep: float = 1.0,
+    angle: float | None = None,
+) -> np.ndarray:
+    """Signed distance (< 0 inside, in nucleus-scaled px) from pixels (y, x) to nuclei.
+
+    Nuclei are ellipses at jittered grid points, one per ``cell``×``cell`` cell, kept with
+    probability ``keep``, so they pack densely without piling up (cellular noise). ``angle``
+    fixes the long axis (spindle nuclei along fibres); otherwise it is random per nucleus.
+    Only values below ~0.5 (on or near a nucleus) are exact: each pixel checks just the 2×2
+    cells nearest to it, which is enough because centres keep a margin from their cell's
+    border that stops any nucleus reaching past the middle of the next cell.
+    """
+    reach = aspect[1] * (radius[1] + 0.5)
+    margin = max(0.0, reach - cell / 2)
+    if margin >= cell / 2:
+        raise ValueError(f"nuclei of reach {reach:.1f} px do not fit cells of {cell} px")
+    y, x = y.astype(np.float32), x.astype(np.float32)
+    n = int((max(y.max(), x.max()) + 1) // cell) + 3
+    grid = np.arange(n, dtype=np.float32) - 1.0  # cell index i covers [(i-1)·cell, i·cell)
+    cy = grid[:, None] * cell + rng.uniform(margin, cell - margin, (n, n))
+    cx = grid[None, :] * cell + rng.uniform(margin, cell - margin, (n, n))
+    rad = rng.uniform(*radius, (n, n))
+    rad[rng.random((n, n)) >= keep] = -1e6  # a dropped nucleus is never the nearest
+    asp = rng.uniform(*aspect, (n, n))
+    theta = rng.uniform(0, np.pi, (n, n)) if angle is None else angle + rng.normal(0, 0.15, (n, n))
+    cos, sin = np.cos(theta), np.sin(theta)
+    # One row per parameter, so each neighbour costs a single gather. The ellipse is the unit
+    # circle scaled by ``asp`` along the long axis: u = along / asp, v = across * asp.
+    table = np.stack([cy, cx, cos / asp, sin / asp, cos * asp, sin * asp, rad]).astype(np.float32)
+    table = table.reshape(7, n * n)
+    # Half-cell indices give both the pixel's cell (h // 2) and which side of it the pixel is
+    # on (h % 2), hence the neighbour row / column to check.
+    hy, hx = (y * (2.0 / cell)).astype(np.intp), (x * (2.0 / cell)).astype(np.intp)
+    own = ((hy >> 1) + 1) * n + (hx >> 1) + 1
+    ny, nx = ((hy & 1) * 2 - 1) * n, (hx & 1) * 2 - 1
+    best = np.full(y.shape, np.inf, np.float32)
+    for cells in (own, own + ny, own + nx, own + ny + nx):
+        p_cy, p_cx, c1, s1, c2, s2, p_rad = np.take(table, cells, axis=1)
+        oy, ox = y - p_cy, x - p_cx
+        u, v = ox * c1 + oy * s1, oy * c2 - ox * s2
+        np.minimum(best, np.sqrt(u * u + v * v) - p_rad, out=best)
+    return best
+
+
+def _cover(edge: np.ndarray) -> np.ndarray:
+    """Nucleus coverage in [0, 1] from a signed edge distance, anti-aliased over one pixel."""
+    return np.clip(0.5 - edge, 0.0, 1.0)
+
+
+def _mix(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Blend per-pixel colours: (N,3) or (3,) ``base`` towards ``top`` by (N,) ``alpha``."""
+    return base + alpha[:, None] * (top - base)
+
+
+def _tumour(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    mottle = _smooth_noise(rng, size, 4.0)[y, x]
+    cyto = _TUM_CYTO * (1.0 + 0.04 * mottle[:, None])
+    nuc = _cover(_nuclei_edge(rng, y, x, cell=13.0, radius=(3.8, 5.8), aspect=(1.0, 1.5), keep=0.85))
+    chromatin = _TUM_NUC * (1.0 + 0.10 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
+    return _mix(cyto, chromatin, nuc)
+
+
+def _stroma(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    angle = rng.uniform(0, np.pi)
+    along = x * np.cos(angle) + y * np.sin(angle)
+    across = y * np.cos(angle) - x * np.sin(angle)
+    # Parallel streaks whose phase wanders smoothly: wavy collagen bundles.
+    phase = 2.0 * np.pi * across / rng.uniform(6.0, 9.0) + 3.0 * _smooth_noise(rng, size, 14.0)[y, x]
+    fibre = (0.5 + 0.5 * np.sin(phase)) ** 1.5
+    fibre *= 0.75 + 0.25 * np.sin(2.0 * np.pi * along / 40.0 + _smooth_noise(rng, size, 10.0)[y, x])
+    colour = _mix(_STR_BASE, _STR_FIBRE, fibre)
+    spindle = _cover(
+        _nuclei_edge(rng, y, x, cell=24.0, radius=(2.0, 2.6), aspect=(2.5, 3.2), keep=0.35, angle=angle)
+    )
+    return _mix(colour, _NUC_SPINDLE, spindle)
+
+
+def _lymphocytes(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    nuc = _cover(_nuclei_edge(rng, y, x, cell=6.0, radius=(2.2, 2.7), keep=0.95))
+    dark = _LYM_NUC * (1.0 + 0.12 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
+    return _mix(np.broadcast_to(_LYM_BASE, (y.size, 3)), dark, nuc)
+
+
+def _necrosis(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    blotch = _smooth_noise(rng, size, 8.0)[y, x]
+    colour = _NEC_BASE * (1.0 + 0.04 * blotch[:, None])
+    # Ghost cells: only the faint outline of dead cells is left.
+    ghost = _nuclei_edge(rng, y, x, cell=16.0, radius=(4.0, 6.0), keep=0.4)
+    colour = _mix(colour, _NEC_GHOST, 0.7 * np.clip(1.0 - np.abs(ghost + 0.8), 0.0, 1.0))
+    debris = _cover(_nuclei_edge(rng, y, x, cell=9.0, radius=(0.8, 2.2), aspect=(1.0, 2.0), keep=0.4))
+    return _mix(colour, _NEC_DEBRIS, debris)
+
+
+def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    return np.broadcast_to(_BACK, (y.size, 3))
+
+
+_TEXTURES = (_tumour, _stroma, _lymphocytes, _necrosis, _background)  # by class index
+
+
+def _region_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Draw a size×size class mask: 1–4 tissue classes (+ background sometimes), large regions."""
+    min_area = 0.04 * size * size  # smaller slivers are merged away: regions, not confetti
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    while True:
+        n_tissue = rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15])
+        classes = list(rng.choice(NUM_CLASSES, n_tissue, replace=False))
+        if rng.random() < 0.45:
+            classes.append(BACKGROUND_INDEX)
+        seed_class = np.repeat(classes, rng.choice([1, 2], size=len(classes), p=[0.7, 0.3]))
+        seeds = rng.uniform(-0.1 * size, 1.1 * size, (len(seed_class), 2)).astype(np.float32)
+        # Warped coordinates turn straight Voronoi edges into smooth wavy borders.
+        wy = yy + 0.12 * size * _smooth_noise(rng, size, size / 6)
+        wx = xx + 0.12 * size * _smooth_noise(rng, size, size / 6)
+        dist = (wy[None] - seeds[:, 0, None, None]) ** 2 + (wx[None] - seeds[:, 1, None, None]) ** 2
+        while True:
+            mask = seed_class[dist.argmin(0)]
+            area = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)
+            tiny = [c for c in classes if 0 < area[c] < min_area]
+            if not tiny:
+                break
+            dist[np.isin(seed_class, tiny)] = np.inf
+        if area[:NUM_CLASSES].sum() >= 0.25 * size * size:  # at least a quarter tissue
+            return mask.astype(np.uint8)
+
+
+def make_tile(rng: np.random.Generator, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one synthetic tile: (H×W×3 uint8 RGB image, H×W uint8 class mask)."""
+    mask = _region_mask(rng, size)
+    stain = 1.0 + rng.normal(0.0, 0.025, 3).astype(np.float32)  # per-tile staining variation
+    image = np.empty((size * size, 3), np.float32)
+    for c in np.unique(mask):
+        flat = np.flatnonzero(mask == c)
+        y, x = np.divmod(flat, size)
+        colour = _TEXTURES[c](rng, y, x, size)
+        image[flat] = colour if c == BACKGROUND_INDEX else colour * stain  # glass takes no stain
+    image = image.reshape(size, size, 3) + 3.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
+    return np.clip(np.rint(image, out=image), 0, 255).astype(np.uint8), mask
+
+
+def _tile_name(slide_offset: int, index: int, size: int, label: np.ndarray | None) -> str:
+    """BCSS-style tile name; train names end with the 4-bit label, e.g. ``...+0[1101].png``."""
+    slide, pos = divmod(index, _TILES_PER_SLIDE)
+    row, col = divmod(pos, _SLIDE_GRID)
+    bits = "" if label is None else "[" + "".join(str(int(b)) for b in label) + "]"
+    return f"SYN-{slide_offset + slide + 1:04d}_xmin{col * size}_ymin{row * size}_MPP-0.2500+0{bits}.png"
+
+
+def tile_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The Generator that draws tile ``index`` of ``split``: independent of the other tiles."""
+    return np.random.default_rng([seed, _SPLITS.index(split), index])
+
+
+def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int, size: int) -> None:
+    for i in range(count):
+        image, mask = make_tile(tile_rng(seed, split, i), size)
+        if split == "train":
+            present = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)[:NUM_CLASSES] > 0
+            write_image(out / split / _tile_name(slide_offset, i, size, present), image, compress_level=1)
+        else:
+            name = _tile_name(slide_offset, i, size, None)
+            write_image(out / split / "img" / name, image, compress_level=1)
+            write_mask(out / split / "mask" / name, mask)
+
+
+def _is_complete(out: Path, manifest: dict) -> bool:
+    """True when ``out`` holds every file the manifest promises (nothing deleted since)."""
+    counts = {
+        "train": len(list((out / "train").glob("*.png"))),
+        "val": min(len(list((out / "val" / sub).glob("*.png"))) for sub in ("img", "mask")),
+        "test": min(len(list((out / "test" / sub).glob("*.png"))) for sub in ("img", "mask")),
+    }
+    return all(counts[s] == manifest[s] for s in _SPLITS)
+
+
+def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, seed: int, size: int = 224) -> None:
+    """Write a synthetic dataset in the BCSS-WSSS layout to ``out``, with a ``synthetic.json``.
+
+    If ``out`` already holds a complete dataset made with the same arguments, nothing is done
+    (so callers can "generate if missing"). Any other non-empty ``out`` raises DataError
+    rather than being overwritten.
+    """
+    out = Path(out)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    if any(n < 1 for n in counts.values()) or size < 32 or seed < 0:
+        raise DataError(
+            f"need at least 1 tile per split, size >= 32 and seed >= 0; got {counts}, size {size}, seed {seed}"
+        )
+    manifest = {"generator": "construct.data.synthetic", "version": _VERSION, "seed": seed, "size": size, **counts}
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        manifest_path = out / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError(
+                f"{out} exists and is not a synthetic dataset ({MANIFEST} missing); refusing to overwrite it"
+            )
+        try:
+            found = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{manifest_path}: unreadable manifest ({exc}); delete {out} to regenerate") from exc
+        if found != manifest:
+            raise DataError(
+                f"{out} holds a synthetic dataset made with other arguments ({found}); "
+                f"refusing to overwrite it with {manifest}; delete it or choose another --out"
+            )
+        if not _is_complete(out, manifest):
+            raise DataError(f"{out} is missing files listed in {manifest_path}; delete it to regenerate")
+        print(f"{out} already holds this synthetic dataset ({MANIFEST} matches); skipping")
+        return
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
+        slide_offset = 0
+        for split in _SPLITS:
+            _write_split(staging, split, counts[split], slide_offset, seed, size)
+            slide_offset += -(-counts[split] // _TILES_PER_SLIDE)  # splits never share a slide
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(staging, out)  # an empty existing ``out`` is replaced too
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    total = sum(counts.values())
+    print(f"wrote {total} synthetic tiles to {out} in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m construct.data.synthetic",
+        description=(
+            "Generate a synthetic H&E-like dataset in the BCSS-WSSS layout: OUT/train/*.png with "
+            "labels in the names (e.g. ...+0[1101].png), OUT/val/{img,mask}/*.png and "
+            "OUT/test/{img,mask}/*.png with palette masks (0=TUM 1=STR 2=LYM 3=NEC 4=BACK). "
+            "Deterministic per --seed. Re-running with the same arguments on a complete "
+            "dataset does nothing; any other non-empty OUT is refused."
+        ),
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty or absent)")
+    parser.add_argument("--train", required=True, type=int, metavar="N", help="number of train tiles")
+    parser.add_argument("--val", required=True, type=int, metavar="N", help="number of validation tiles")
+    parser.add_argument("--test", required=True, type=int, metavar="N", help="number of test tiles")
+    parser.add_argument("--seed", required=True, type=int, metavar="S", help="random seed")
+    parser.add_argument("--size", type=int, default=224, help="tile side in pixels (default: 224)")
+    args = parser.parse_args(argv)
+    try:
+        generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.size)
+    except ConStructError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
