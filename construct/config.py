@@ -43,9 +43,13 @@ class SyntheticConfig:
     """Generate a synthetic BCSS-format dataset under ``data.root`` when it is missing."""
 
     train: int = 600
+    """Number of training tiles (image-level labels in the file names)."""
     val: int = 60
+    """Number of validation tiles (with masks)."""
     test: int = 60
+    """Number of test tiles (with masks)."""
     seed: int = 0
+    """Generator seed: the same seed gives the same dataset."""
 
 
 @dataclass
@@ -55,6 +59,7 @@ class DataConfig:
     val_split: str = "val"
     """Split used for model selection during training (val or test)."""
     num_workers: int = 4
+    """DataLoader worker processes (0 = load in the main process)."""
     synthetic: SyntheticConfig | None = None
     """When set, a synthetic dataset with these sizes is generated at ``root`` if missing."""
 
@@ -64,6 +69,7 @@ class ConchConfig:
     checkpoint: str | None = "pretrained_models/conch/pytorch_model.bin"
     """Official CONCH weights; null = random weights (tests and the offline demo)."""
     preset: Literal["vit_b16", "tiny"] = "vit_b16"
+    """Architecture: the real ViT-B/16, or a tiny one of the same classes for tests and the demo."""
     tokenizer: str | None = None
     """CONCH tokenizer JSON; null = the file shipped in the conch-fork package."""
 
@@ -73,6 +79,7 @@ class TeacherConfig:
     checkpoint: str | None = "pretrained_models/mit_b1"
     """MiT-B1 weights: a Hugging Face folder (nvidia/mit-b1) or NVlabs/mmseg .pth; null = random."""
     preset: Literal["mit_b1", "tiny"] = "mit_b1"
+    """Architecture: the real MiT-B1, or a tiny one for tests and the demo."""
 
 
 @dataclass
@@ -94,6 +101,7 @@ class ModelConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """One text description per class (TUM, STR, LYM, NEC) that initialises its prototypes."""
     prototypes_per_class: int = 1
+    """K learnable prototypes per class; a class's CAM is the max over its K prototypes."""
     projector_ratio: float = 0.5
     """Hidden width of the prototype MLP as a fraction of the 512-d text embedding."""
     cam_scale_init: float = 1.0 / 0.07
@@ -103,27 +111,39 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     cls_weight: float = 1.0
+    """lambda_cls: weight of the image-level BCE loss (0 = off)."""
     struct_weight: float = 1.5
+    """lambda_struct: weight of the relational structural distillation loss (0 = off, no teacher)."""
     sim_weight: float = 0.2
+    """lambda_sim: weight of the FG/BG contrastive loss (0 = off)."""
     fg_threshold: float = 0.5
     """alpha of the adaptive FG threshold: FG = CAM >= alpha * max."""
     threshold_max: Literal["per_image", "per_class"] = "per_image"
     """Maximum the FG threshold is relative to: one per image (authors' code) or per class."""
     temperature: float = 0.07
+    """InfoNCE temperature tau of the FG/BG contrastive loss."""
     memory_bank_size: int = 2048
+    """Number of past BG embeddings kept as extra negatives (FIFO)."""
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 2
+    """Passes over the training split."""
     max_iters: int | None = None
     """Stop after this many iterations (overrides epochs when smaller); null = all epochs."""
     batch_size: int = 10
+    """Images per step and per process."""
     lr: float = 2e-5
+    """AdamW learning rate at iteration 0."""
     weight_decay: float = 1e-3
+    """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
     poly_power: float = 1.0
+    """Poly decay lr_t = lr * (1 - t/T) ** poly_power, no warm-up."""
     seed: int = 42
+    """Seeds data order, augmentation and random (checkpoint-less) backbones."""
     mixed_precision: bool = True
     """bf16 autocast on CUDA (CPU always runs fp32)."""
     eval_interval: int = 0
@@ -137,12 +157,19 @@ class TrainConfig:
 @dataclass
 class CrfConfig:
     enabled: bool = True
+    """Refine masks with a dense CRF (evaluation and export; training validation never uses it)."""
     iterations: int = 5
+    """Mean-field iterations."""
     gaussian_sxy: float = 15.0
+    """Spatial std (px) of the smoothness kernel."""
     gaussian_compat: float = 30.0
+    """Weight of the smoothness kernel."""
     bilateral_sxy: float = 10.0
+    """Spatial std (px) of the appearance kernel."""
     bilateral_srgb: float = 20.0
+    """Colour std of the appearance kernel."""
     bilateral_compat: float = 50.0
+    """Weight of the appearance kernel."""
 
 
 @dataclass
@@ -150,14 +177,18 @@ class InferenceConfig:
     presence: Literal["predicted", "ground_truth"] = "predicted"
     """Class gating of the CAMs: sigmoid(logit) > presence_gate, or the oracle from the GT mask."""
     presence_gate: float = 0.5
+    """Probability above which a class counts as present under the predicted protocol."""
     background_power: float = 10.0
     """Background channel = (1 - max_c CAM_c) ** background_power."""
     tta_flip: bool = True
+    """Test-time augmentation: also run the horizontally flipped image."""
     tta_scales: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    """Test-time augmentation: input scales whose CAMs are averaged ([1.0] = none)."""
     crf: CrfConfig = field(default_factory=CrfConfig)
     tile_stride: int = 112
     """Stride of the sliding window on images larger than model.image_size."""
     batch_size: int = 16
+    """Images per forward pass at inference and validation."""
 
 
 @dataclass

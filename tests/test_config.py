@@ -126,3 +126,9 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert config_to_dict(again) == config_to_dict(config)
+
+
+def test_config_reference_is_current():
+    from construct.config_reference import OUTPUT, render
+
+    assert OUTPUT.read_text(encoding="utf-8") == render(), "run: python -m construct.config_reference"

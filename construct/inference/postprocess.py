@@ -5,10 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PROTOCOLS: tuple[str, ...] = ("predicted", "ground_truth")
+
 
 def presence_from_logits(logits: torch.Tensor, gate: float) -> torch.Tensor:
     """Predicted class presence (B×C float 0/1): sigmoid(logit) > gate."""
     return (torch.sigmoid(logits.float()) > gate).float()
+
+
+def select_presence(protocol: str, logits: torch.Tensor, gate: float,
+                    presence_gt: torch.Tensor | None) -> torch.Tensor:
+    """Class presence (B×C float 0/1) under ``protocol``: predicted from the logits, or the given ground truth."""
+    if protocol == "predicted":
+        return presence_from_logits(logits, gate)
+    if protocol != "ground_truth":
+        raise ValueError(f"unknown presence protocol {protocol!r}; expected one of {PROTOCOLS}")
+    if presence_gt is None:
+        raise ValueError("the ground_truth presence protocol needs the ground-truth class presence")
+    return presence_gt.to(logits.device).float()
 
 
 def normalize_cams(cams: torch.Tensor) -> torch.Tensor:

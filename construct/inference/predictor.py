@@ -1,0 +1,120 @@
+"""CAM → mask prediction (method.md §7): network (TTA, tiling) → gated probabilities → dense CRF → argmax."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from construct.config import Config
+from construct.inference.crf import CrfPool
+from construct.inference.postprocess import cam_probabilities, select_presence
+from construct.inference.tiling import tiled_forward
+from construct.inference.tta import tta_forward
+from construct.models.construct import ConStructModel
+
+
+@dataclass
+class Prediction:
+    """Post-processed result for one image."""
+
+    mask: np.ndarray
+    """H×W uint8 class indices 0–4 (4 = background)."""
+    probs: np.ndarray
+    """5×H×W float32: normalised, presence-gated CAMs of the 4 classes, then the background channel."""
+    presence: np.ndarray
+    """(4,) float 0/1 class presence the CAMs were gated with."""
+    scores: np.ndarray
+    """(4,) image-level class scores, sigmoid of the logits."""
+    protocol: str
+    """Presence protocol that produced ``presence``: 'predicted' or 'ground_truth'."""
+
+    @property
+    def cams(self) -> np.ndarray:
+        """4×H×W normalised, gated class CAMs in [0, 1]."""
+        return self.probs[:-1]
+
+
+def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
+    """B×3×H×W [0, 1] tensor → H×W×3 uint8 arrays (what the CRF's bilateral kernel compares)."""
+    pixels = (images.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).numpy())
+
+
+class Predictor:
+    """Turns [0, 1] image batches into masks with the inference settings of ``config``.
+
+    Tile-sized images run as one batch; larger ones go through sliding-window tiling. ``tta`` uses
+    ``inference.tta_flip`` × ``inference.tta_scales`` (off = one pass); ``crf`` runs the dense CRF of
+    ``inference.crf`` over ``workers`` processes (None = all cores). Close it (or use ``with``) to
+    stop the CRF workers.
+    """
+
+    def __init__(self, model: ConStructModel, config: Config, device: torch.device, tta: bool = True,
+                 crf: bool = True, workers: int | None = None) -> None:
+        self.model = model.to(device).eval()
+        self.config = config
+        self.device = device
+        self.inference = config.inference
+        self.scales = list(self.inference.tta_scales) if tta else [1.0]
+        self.flip = self.inference.tta_flip if tta else False
+        self.crf = CrfPool(self.inference.crf, workers) if crf else None
+
+    @property
+    def uses_crf(self) -> bool:
+        return self.crf is not None
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tta_forward(self.model, images, self.scales, self.flip)
+
+    @torch.no_grad()
+    def network(self, images: torch.Tensor, names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw CAMs (B×4×h×w: the CAM grid for tile-sized images, pixels for tiled ones) and logits (B×4)."""
+        images = images.to(self.device, non_blocking=True)
+        tile = self.config.model.image_size
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if tuple(images.shape[-2:]) == (tile, tile):
+                return self._forward(images)
+            outputs = [
+                tiled_forward(self._forward, image, tile, self.inference.tile_stride, self.inference.batch_size,
+                              name=names[i] if names else f"image {i}")
+                for i, image in enumerate(images)
+            ]
+        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+    @torch.no_grad()
+    def postprocess(self, images: torch.Tensor, cams: torch.Tensor, logits: torch.Tensor, protocol: str,
+                    presence_gt: torch.Tensor | None = None) -> list[Prediction]:
+        """Gate, normalise and upsample :meth:`network` output, add background, refine with the CRF, argmax."""
+        presence = select_presence(protocol, logits, self.inference.presence_gate, presence_gt)
+        probs = cam_probabilities(cams, presence, tuple(images.shape[-2:]), self.inference.background_power)
+        probs_np = list(probs.cpu().numpy())
+        if self.crf is None:
+            masks = [p.argmax(axis=0).astype(np.uint8) for p in probs_np]
+        else:
+            masks = self.crf(to_uint8_images(images), probs_np)
+        scores = torch.sigmoid(logits.float()).cpu().numpy()
+        presence_np = presence.cpu().numpy()
+        return [Prediction(mask=m, probs=p, presence=pr, scores=s, protocol=protocol)
+                for m, p, pr, s in zip(masks, probs_np, presence_np, scores)]
+
+    def predict_batch(self, images: torch.Tensor, presence_gt: torch.Tensor | None = None,
+                      protocol: str | None = None, names: Sequence[str] | None = None) -> list[Prediction]:
+        """Masks for a B×3×H×W [0, 1] batch; ``protocol`` defaults to ``inference.presence``.
+
+        ``presence_gt`` (B×4) is required by the ground_truth protocol; ``names`` label error messages.
+        """
+        cams, logits = self.network(images, names)
+        return self.postprocess(images, cams, logits, protocol or self.inference.presence, presence_gt)
+
+    def close(self) -> None:
+        if self.crf is not None:
+            self.crf.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,57 @@
+"""Sliding-window inference on images larger than the training tile: overlapping tiles, averaged CAMs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from construct.errors import ConfigError, DataError
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Maps an N×3×tile×tile batch to (N×C×h×w CAMs, N×C logits)."""
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Window offsets every ``stride`` pixels; the last window sits flush with the far border (no padding)."""
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def check_tileable(height: int, width: int, tile: int, name: str) -> None:
+    """DataError when an image is smaller than one tile in either side."""
+    if height < tile or width < tile:
+        raise DataError(f"{name}: image is {width}×{height} px, smaller than the {tile}×{tile} px tile the model "
+                        f"was trained on; inputs must be at least {tile} px in each side")
+
+
+def tiled_forward(forward: Forward, image: torch.Tensor, tile: int, stride: int, batch_size: int,
+                  name: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+    """CAMs of a 3×H×W image at pixel resolution (1×C×H×W) and its logits (1×C, mean over tiles).
+
+    Each tile's CAMs are upsampled to the tile's pixels and summed into a canvas with a count map,
+    so overlapping windows are averaged wherever they meet.
+    """
+    if not 0 < stride <= tile:
+        raise ConfigError(f"inference.tile_stride {stride} must lie in 1..model.image_size ({tile}) or tiles leave gaps")
+    height, width = image.shape[-2:]
+    check_tileable(height, width, tile, name)
+    windows = [(y, x) for y in tile_starts(height, tile, stride) for x in tile_starts(width, tile, stride)]
+    canvas = count = logits_sum = None
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first:first + batch_size]
+        crops = torch.stack([image[:, y:y + tile, x:x + tile] for y, x in chunk])
+        cams, logits = forward(crops)
+        cams = F.interpolate(cams.float(), size=(tile, tile), mode="bilinear", align_corners=False)
+        if canvas is None:
+            canvas = cams.new_zeros((cams.shape[1], height, width))
+            count = cams.new_zeros((1, height, width))
+            logits_sum = logits.new_zeros(logits.shape[1:], dtype=torch.float32)
+        for (y, x), tile_cams in zip(chunk, cams):
+            canvas[:, y:y + tile, x:x + tile] += tile_cams
+            count[:, y:y + tile, x:x + tile] += 1
+        logits_sum += logits.float().sum(dim=0)
+    return (canvas / count)[None], (logits_sum / len(windows))[None]

@@ -1,0 +1,169 @@
+"""construct.inference: dense CRF (real H&E), CRF pool, TTA, tiling and the predictor, on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from construct.config import CrfConfig, load_config
+from construct.data.io import read_image
+from construct.errors import ConfigError, DataError
+from construct.inference.crf import crf_batch, dense_crf
+from construct.inference.postprocess import select_presence
+from construct.inference.predictor import Predictor
+from construct.inference.tiling import tile_starts, tiled_forward
+from construct.inference.tta import scaled_size, tta_forward
+from construct.models.build import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+HE_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "he_cmu1_crop_768.png"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(REPO / "configs" / "demo.yaml", ["inference.batch_size=4"])
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return build_model(config).eval()
+
+
+@pytest.fixture(scope="module")
+def he_crop() -> np.ndarray:
+    return read_image(HE_FIXTURE)[288:480, 288:480].copy()
+
+
+def _box_blur(values: np.ndarray, radius: int) -> np.ndarray:
+    size = 2 * radius + 1
+    sums = np.pad(np.pad(values, radius, mode="edge").cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return (sums[size:, size:] - sums[:-size, size:] - sums[size:, :-size] + sums[:-size, :-size]) / size**2
+
+
+def test_crf_moves_noisy_labels_toward_clean_ones(he_crop):
+    # Clean labels follow the image: tertiles of the smoothed brightness (nuclei / tissue / pale).
+    brightness = _box_blur(he_crop.astype(np.float64).mean(axis=-1), 3)
+    clean = np.digitize(brightness, np.quantile(brightness, [1 / 3, 2 / 3]))
+    unary = np.log(np.where(np.arange(5)[:, None, None] == clean[None], 0.6, 0.1))
+    noisy_logits = unary + np.random.default_rng(0).normal(0.0, 2.0, unary.shape)
+    probs = np.exp(noisy_logits - noisy_logits.max(axis=0))
+    probs = (probs / probs.sum(axis=0)).astype(np.float32)
+    refined = dense_crf(he_crop, probs, CrfConfig())
+    assert refined.shape == clean.shape and refined.dtype == np.uint8
+    noisy_agreement = (probs.argmax(axis=0) == clean).mean()
+    crf_agreement = (refined == clean).mean()
+    assert crf_agreement > noisy_agreement + 0.15, (noisy_agreement, crf_agreement)
+
+
+def test_crf_pool_matches_serial(he_crop):
+    rng = np.random.default_rng(1)
+    images = [he_crop[y:y + 96, x:x + 96].copy() for y in (0, 96) for x in (0, 96)]
+    probs = [rng.random((5, 96, 96), dtype=np.float32) for _ in images]
+    serial = crf_batch(images, probs, CrfConfig(), workers=1)
+    pooled = crf_batch(images, probs, CrfConfig(), workers=2)
+    assert len(pooled) == len(images)
+    for a, b in zip(serial, pooled):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tta_off_is_one_forward(model, config):
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        out = model(images)
+    cams, logits = Predictor(model, config, CPU, tta=False, crf=False).network(images)
+    torch.testing.assert_close(cams, out.cams)
+    torch.testing.assert_close(logits, out.logits)
+
+
+def test_tta_shapes_and_flip_equivariance(model):
+    images = torch.rand(1, 3, 224, 224)
+    scales = [0.9, 1.0]
+    with torch.no_grad():
+        cams, logits = tta_forward(model, images, scales, flip=True)
+        mirrored, mirrored_logits = tta_forward(model, images.flip(-1), scales, flip=True)
+    assert cams.shape == (1, 4, 14, 14) and logits.shape == (1, 4)
+    # Averaging over both flips and un-flipping each pass makes the result mirror with the input.
+    torch.testing.assert_close(mirrored, cams.flip(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mirrored_logits, logits, atol=1e-4, rtol=1e-4)
+    assert scaled_size(224, 0.9) == 208 and scaled_size(224, 1.1) == 240
+
+
+def test_tta_needs_the_unit_scale(model):
+    with pytest.raises(ConfigError, match="1.0"):
+        tta_forward(model, torch.rand(1, 3, 224, 224), [0.9, 1.1], flip=False)
+
+
+def test_tile_starts_cover_the_image_flush():
+    assert tile_starts(224, 224, 112) == [0]
+    assert tile_starts(300, 224, 112) == [0, 76]
+    assert tile_starts(768, 224, 112) == [0, 112, 224, 336, 448, 544]
+
+
+def test_tiling_averages_overlapping_windows():
+    image = torch.rand(3, 300, 260)
+    seen = []
+
+    def echo(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # CAMs that are the crop itself: averaging the overlapping windows must give the image back.
+        seen.append(len(crops))
+        return crops, crops.mean(dim=(2, 3))
+
+    cams, logits = tiled_forward(echo, image, tile=64, stride=48, batch_size=5)
+    windows = [image[:, y:y + 64, x:x + 64] for y in tile_starts(300, 64, 48) for x in tile_starts(260, 64, 48)]
+    assert max(seen) == 5 and sum(seen) == len(windows) == 6 * 6
+    torch.testing.assert_close(cams, image[None])
+    torch.testing.assert_close(logits, torch.stack([w.mean(dim=(1, 2)) for w in windows]).mean(dim=0)[None])
+    with pytest.raises(ConfigError, match="tile_stride"):
+        tiled_forward(echo, image, tile=64, stride=65, batch_size=5)
+
+
+def test_tiling_one_window_equals_plain_forward(model):
+    image = torch.rand(3, 224, 224)
+    with torch.no_grad():
+        out = model(image[None])
+        cams, logits = tiled_forward(lambda x: tta_forward(model, x, [1.0], flip=False), image, 224, 112, 4)
+    expected = F.interpolate(out.cams, size=(224, 224), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(cams, expected)
+    torch.testing.assert_close(logits, out.logits)
+
+
+def test_tiling_rejects_small_images(model, config):
+    predictor = Predictor(model, config, CPU, tta=False, crf=False)
+    with pytest.raises(DataError, match=r"tiny\.png.*200×230"):
+        predictor.predict_batch(torch.rand(1, 3, 230, 200), names=["tiny.png"])
+
+
+def test_predictor_outputs(model, config):
+    predictor = Predictor(model, config, CPU, tta=False, crf=False)
+    images = torch.rand(2, 3, 224, 224)
+    results = predictor.predict_batch(images)
+    assert len(results) == 2
+    for result in results:
+        assert result.protocol == config.inference.presence == "predicted"
+        assert result.mask.shape == (224, 224) and result.mask.dtype == np.uint8 and result.mask.max() <= 4
+        assert result.cams.shape == (4, 224, 224) and result.probs.shape == (5, 224, 224)
+        assert result.cams.min() >= 0.0 and result.cams.max() <= 1.0
+        np.testing.assert_array_equal(result.mask, result.probs.argmax(axis=0))
+        np.testing.assert_array_equal(result.presence, (result.scores > config.inference.presence_gate).astype(np.float32))
+
+
+def test_ground_truth_presence_gates_absent_classes(model, config):
+    presence = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    with Predictor(model, config, CPU, tta=False, crf=True, workers=1) as predictor:
+        [result] = predictor.predict_batch(torch.rand(1, 3, 224, 224), presence, protocol="ground_truth")
+    assert result.protocol == "ground_truth"
+    assert not result.cams[[0, 2, 3]].any()
+    assert set(np.unique(result.mask)) <= {1, 4}
+    with pytest.raises(ValueError, match="ground-truth"):
+        select_presence("ground_truth", torch.zeros(1, 4), 0.5, None)
+
+
+def test_large_image_goes_through_tiling(model, config):
+    predictor = Predictor(model, config, CPU, tta=False, crf=False)
+    [result] = predictor.predict_batch(torch.rand(1, 3, 240, 300))
+    assert result.mask.shape == (240, 300) and result.cams.shape == (4, 240, 300)

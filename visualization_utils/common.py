@@ -1,0 +1,99 @@
+"""What the inference scripts share: model/inference options, loading, split data, atomic writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from construct.cli import add_device_arguments, resolve_device
+from construct.config import Config, load_config
+from construct.data.datasets import EvalDataset, TrainDataset
+from construct.inference.predictor import Predictor
+from construct.models.build import load_trained_model
+from construct.models.construct import ConStructModel
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --checkpoint, --opts and the device flags (--gpu / --device / --debug)."""
+    parser.add_argument("--config", required=True, help="YAML config the checkpoint was trained with (e.g. configs/bcss.yaml)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint (best.pth or latest.pth)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.root=/data/BCSS-WSSS inference.presence_gate=0.4")
+    add_device_arguments(parser)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--no-crf, --no-tta, --workers, --max-images."""
+    parser.add_argument("--no-crf", action="store_true", help="skip the dense CRF (argmax of the gated CAMs instead)")
+    parser.add_argument("--no-tta", action="store_true",
+                        help="one forward pass instead of test-time augmentation (inference.tta_flip x inference.tta_scales)")
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help=f"CRF worker processes (default: all {os.cpu_count()} cores; 1 = serial)")
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="process only the first N images")
+
+
+def load_settings(args: argparse.Namespace) -> tuple[Config, torch.device]:
+    """Config with --opts, and the device (checked first, so a bad --gpu fails fast)."""
+    device = resolve_device(args)
+    return load_config(args.config, args.opts), device
+
+
+def load(args: argparse.Namespace) -> tuple[Config, ConStructModel, torch.device]:
+    """:func:`load_settings` plus the trained model of --checkpoint, in eval mode on the device."""
+    config, device = load_settings(args)
+    return config, load_trained_model(config, args.checkpoint, device), device
+
+
+def make_predictor(args: argparse.Namespace, config: Config, model: ConStructModel, device: torch.device) -> Predictor:
+    return Predictor(model, config, device, tta=not args.no_tta,
+                     crf=config.inference.crf.enabled and not args.no_crf, workers=args.workers)
+
+
+def split_dataset(config: Config, split: str) -> tuple[Dataset, str]:
+    """Dataset of a split and the presence protocol its CAMs are gated with.
+
+    Train tiles are gated with their image-level labels (the pseudo-mask setting of a second-stage
+    segmenter); val/test follow ``inference.presence``.
+    """
+    if split == "train":
+        return TrainDataset(config.data.root, augment=False), "ground_truth"
+    return EvalDataset(config.data.root, split), config.inference.presence
+
+
+def first(dataset: Dataset, count: int | None) -> Dataset:
+    """The first ``count`` items (all when None)."""
+    return dataset if count is None else Subset(dataset, range(min(count, len(dataset))))
+
+
+def presence_of(batch: dict) -> torch.Tensor | None:
+    """Ground-truth class presence of a batch: the mask's classes (val/test) or the file-name label (train)."""
+    return batch.get("presence", batch.get("label"))
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,74 @@
+"""Evaluate a trained checkpoint on val/test: per-class IoU/Dice, mIoU, mDice, FwIoU, pixel accuracy (method.md §8).
+
+    python visualization_utils/evaluate_performance.py --config configs/bcss.yaml \
+        --checkpoint work_dirs/bcss/construct/best.pth --gpu 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from construct.cli import run_cli
+from construct.data.datasets import EvalDataset
+from construct.inference.postprocess import PROTOCOLS
+from construct.metrics import ConfusionMatrix
+from visualization_utils.common import add_inference_arguments, add_model_arguments, atomic_output, first, load, make_predictor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Segment a labelled split with a trained ConStruct checkpoint and score the masks against the "
+        "ground truth: a table per presence protocol and metrics_<split>_<protocol>.json beside the checkpoint.")
+    add_model_arguments(parser)
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="both",
+                        help="class presence that gates the CAMs: 'predicted' = sigmoid(logit) > inference.presence_gate "
+                        "(honest), 'ground_truth' = classes in the GT mask (oracle, as the paper and PBIP report), or "
+                        "'both' (default; the network runs once per image)")
+    add_inference_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="folder for the JSON files (default: the checkpoint's folder)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    config, model, device = load(args)
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    dataset = first(EvalDataset(config.data.root, args.split), args.max_images)
+    loader = DataLoader(dataset, batch_size=config.inference.batch_size, num_workers=config.data.num_workers)
+    confusions = {p: ConfusionMatrix() for p in protocols}
+    with make_predictor(args, config, model, device) as predictor, \
+            tqdm(total=len(dataset), desc=f"evaluate {args.split}", unit="img", dynamic_ncols=True) as progress:
+        for batch in loader:
+            cams, logits = predictor.network(batch["image"], batch["name"])
+            for protocol in protocols:
+                predictions = predictor.postprocess(batch["image"], cams, logits, protocol, batch["presence"])
+                masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long()
+                confusions[protocol].update(masks, batch["mask"])
+            progress.update(len(batch["name"]))
+    out_dir = args.out or args.checkpoint.parent
+    for protocol, confusion in confusions.items():
+        metrics = confusion.compute()
+        print(f"\n{args.split} split, {len(dataset)} images, presence protocol '{protocol}', "
+              f"CRF {'on' if predictor.uses_crf else 'off'}, TTA {'off' if args.no_tta else 'on'}")
+        print(metrics.format_table())
+        record = {**metrics.to_dict(), "protocol": protocol, "split": args.split, "checkpoint": str(args.checkpoint),
+                  "config": str(args.config), "crf": predictor.uses_crf, "tta": not args.no_tta, "images": len(dataset)}
+        path = out_dir / f"metrics_{args.split}_{protocol}.json"
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())
