@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from construct.errors import ConStructError
+from construct.errors import ConStructError, os_error_reason
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,14 +41,21 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 
 
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    """Parse arguments and run ``main``; user errors print one line and exit with status 2."""
+    """Parse arguments and run ``main``; user errors and file-system errors print one line and exit with status 2."""
     args = parser.parse_args(argv)
     try:
         main(args)
     except ConStructError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc).strip().replace("\n", " ")  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # the file system refused (an unwritable output folder, a full disk, ...)
+        if getattr(args, "debug", False):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{os_error_reason(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

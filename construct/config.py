@@ -185,8 +185,8 @@ class InferenceConfig:
     tta_scales: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
     """Test-time augmentation: input scales whose CAMs are averaged ([1.0] = none)."""
     crf: CrfConfig = field(default_factory=CrfConfig)
-    tile_stride: int = 112
-    """Stride of the sliding window on images larger than model.image_size."""
+    tile_stride: int | None = None
+    """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
     batch_size: int = 16
     """Images per forward pass at inference and validation."""
 
@@ -408,7 +408,9 @@ def validate(config: Config, source: str) -> None:
         fail("loss.memory_bank_size", "must be >= 0")
     if not config.inference.tta_scales:
         fail("inference.tta_scales", "must hold at least one scale (use [1.0] for none)")
-    if config.inference.tile_stride <= 0:
-        fail("inference.tile_stride", "must be positive")
+    if config.inference.tile_stride is not None and not 0 < config.inference.tile_stride <= model.image_size:
+        fail("inference.tile_stride", f"must lie in 1..model.image_size ({model.image_size}) or tiles leave gaps")
+    if 1.0 not in config.inference.tta_scales:
+        fail("inference.tta_scales", "must include 1.0 (CAMs are averaged on its grid)")
     if config.data.val_split not in ("val", "valid", "test"):
         fail("data.val_split", f"must be val, valid or test, got '{config.data.val_split}'")

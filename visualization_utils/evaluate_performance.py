@@ -13,15 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 from construct.cli import run_cli
 from construct.data.datasets import EvalDataset
+from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
-from construct.metrics import ConfusionMatrix
 from visualization_utils.common import add_inference_arguments, add_model_arguments, atomic_output, first, load, make_predictor
 
 
@@ -45,20 +40,10 @@ def main(args: argparse.Namespace) -> None:
     config, model, device = load(args)
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     dataset = first(EvalDataset(config.data.root, args.split), args.max_images)
-    loader = DataLoader(dataset, batch_size=config.inference.batch_size, num_workers=config.data.num_workers)
-    confusions = {p: ConfusionMatrix() for p in protocols}
-    with make_predictor(args, config, model, device) as predictor, \
-            tqdm(total=len(dataset), desc=f"evaluate {args.split}", unit="img", dynamic_ncols=True) as progress:
-        for batch in loader:
-            cams, logits = predictor.network(batch["image"], batch["name"])
-            for protocol in protocols:
-                predictions = predictor.postprocess(batch["image"], cams, logits, protocol, batch["presence"])
-                masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long()
-                confusions[protocol].update(masks, batch["mask"])
-            progress.update(len(batch["name"]))
+    with make_predictor(args, config, model, device) as predictor:
+        results = evaluate_split(predictor, dataset, config, protocols, description=f"evaluate {args.split}")
     out_dir = args.out or args.checkpoint.parent
-    for protocol, confusion in confusions.items():
-        metrics = confusion.compute()
+    for protocol, metrics in results.items():
         print(f"\n{args.split} split, {len(dataset)} images, presence protocol '{protocol}', "
               f"CRF {'on' if predictor.uses_crf else 'off'}, TTA {'off' if args.no_tta else 'on'}")
         print(metrics.format_table())

@@ -28,7 +28,7 @@ from construct.errors import DataError
 from construct.inference.predictor import Predictor, to_uint8_images
 from construct.inference.render import colorize
 from construct.inference.similarity import prototype_names, prototype_similarity
-from construct.inference.tiling import tiled_forward
+from construct.inference.tiling import tiled_forward, window_stride
 from construct.models.build import load_trained_model
 from construct.models.construct import ConStructModel
 from visualization_utils.common import add_model_arguments, atomic_output, load_settings, presence_of, split_dataset
@@ -75,7 +75,7 @@ def similarity_maps(model: ConStructModel, config: Config, image: torch.Tensor, 
     Computed window by window like the prediction, so images larger than a tile work too.
     """
     sims, logits = tiled_forward(partial(prototype_similarity, model), image.to(device), config.model.image_size,
-                                 config.inference.tile_stride, config.inference.batch_size, name)
+                                 window_stride(config), config.inference.batch_size, name)
     return sims[0].cpu().numpy(), torch.sigmoid(logits[0]).cpu().numpy()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused by weights-only loading (it holds pickled objects, not plain data): {first_line}") from None
+        raise CheckpointError(f"{path}: {unpickling_problem(exc)}") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ConStruct checkpoint (expected format '{FORMAT}')")
     return state
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def unpickling_problem(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` raised an UnpicklingError.
+
+    torch's own message is many lines of advice (with terminal colour codes) on how to load the
+    file anyway; what matters to a user is whether the file carries a pickled object (and which)
+    or is not a PyTorch file at all.
+    """
+    text = _ANSI.sub("", str(exc))
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        return (f"refused by weights-only loading: it holds a pickled Python object ({found.group(1)}), not just "
+                "tensors and plain data; ConStruct does not unpickle arbitrary objects")
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    detail = (detail.strip().splitlines() or [type(exc).__name__])[0].strip()
+    if detail.startswith(("Unsupported operand", "invalid load key")):
+        return f"corrupt, truncated or not a PyTorch file ({detail})"
+    return f"refused by weights-only loading: {detail}"
 
 
 def backbone_fingerprint(module: torch.nn.Module) -> float:

@@ -22,7 +22,7 @@ from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.objective import ConStructObjective
 from construct.engine.validate import validate
-from construct.errors import CheckpointError, ConStructError
+from construct.errors import CheckpointError, ConStructError, os_error_reason
 from construct.models.build import build_model, build_teacher
 from construct.models.construct import ConStructModel
 
@@ -72,7 +72,7 @@ def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise TrainingError(f"{work_dir}: work dir is not writable ({exc.strerror})") from None
+        raise TrainingError(f"{work_dir}: work dir is not writable ({os_error_reason(exc, work_dir)})") from None
     return work_dir
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from construct.config import Config
-from construct.inference.postprocess import cam_probabilities, presence_from_logits
+from construct.inference.postprocess import cam_probabilities, presence_from_logits, select_presence
 from construct.metrics import ConfusionMatrix
 from construct.models.construct import ConStructModel
 
@@ -27,7 +27,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
         truth = batch["presence"].to(device)
         out = model(images)
         predicted = presence_from_logits(out.logits, inference.presence_gate)
-        presence = truth if inference.presence == "ground_truth" else predicted
+        presence = select_presence(inference.presence, out.logits, inference.presence_gate, truth)
         probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power)
         confusion.update(probs.argmax(dim=1), masks)
         correct += int((predicted == truth).sum())

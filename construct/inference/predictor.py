@@ -11,7 +11,7 @@ import torch
 from construct.config import Config
 from construct.inference.crf import CrfPool
 from construct.inference.postprocess import cam_probabilities, select_presence
-from construct.inference.tiling import tiled_forward
+from construct.inference.tiling import tiled_forward, window_stride
 from construct.inference.tta import tta_forward
 from construct.models.construct import ConStructModel
 
@@ -78,7 +78,7 @@ class Predictor:
             if tuple(images.shape[-2:]) == (tile, tile):
                 return self._forward(images)
             outputs = [
-                tiled_forward(self._forward, image, tile, self.inference.tile_stride, self.inference.batch_size,
+                tiled_forward(self._forward, image, tile, window_stride(self.config), self.inference.batch_size,
                               name=names[i] if names else f"image {i}")
                 for i, image in enumerate(images)
             ]

@@ -7,10 +7,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from construct.config import Config
 from construct.errors import ConfigError, DataError
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Maps an N×3×tile×tile batch to (N×C×h×w CAMs, N×C logits)."""
+
+
+def window_stride(config: Config) -> int:
+    """The sliding-window stride: ``inference.tile_stride``, or half the tile when it is null."""
+    return config.inference.tile_stride or config.model.image_size // 2
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:

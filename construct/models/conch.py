@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from construct.constants import CLIP_MEAN, CLIP_STD
+from construct.engine.checkpoint import unpickling_problem
 from construct.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -273,7 +275,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = load_safetensors(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated or pickled-object files all land here
+    except pickle.UnpicklingError as exc:  # a pickled object refused by weights-only loading, or not a pickle
+        raise CheckpointError(f"cannot read CONCH checkpoint {path}: {unpickling_problem(exc)}") from exc
+    except Exception as exc:  # corrupt or truncated files land here
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"cannot read CONCH checkpoint {path}: {type(exc).__name__}: {reason}") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -1,0 +1,236 @@
+"""Speed and memory of the real-size architectures (random weights), written to docs/benchmarks.md.
+
+    python -m construct.bench --device cpu          # or --device cuda:0 (bf16 autocast)
+
+Measures (a) training throughput and peak memory at batch 10 for cls, cls+struct and
+cls+struct+sim; (b) inference throughput with and without TTA and CRF, and the CRF with one
+worker against all cores; (c) the size of a training checkpoint. Each measurement runs in its own
+process so peak-memory figures do not mix. Nothing here is a test: the numbers depend on the
+machine, which the report names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = REPO / "docs" / "benchmarks.md"
+VARIANTS = {
+    "cls": ["loss.struct_weight=0", "loss.sim_weight=0"],
+    "cls+struct": ["loss.sim_weight=0"],
+    "cls+struct+sim": [],
+}
+
+
+def real_size_config(*overrides: str):
+    from construct.config import load_config
+
+    return load_config(REPO / "configs" / "bcss.yaml", ["model.conch.checkpoint=null", "model.teacher.checkpoint=null",
+                                                        "train.batch_size=10", *overrides])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, Any]:
+    from construct.engine.checkpoint import save_checkpoint
+    from construct.engine.objective import ConStructObjective
+    from construct.models.build import build_model, build_teacher
+
+    config = real_size_config(*VARIANTS[variant])
+    torch.manual_seed(0)
+    model = build_model(config, device)
+    teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
+    objective = ConStructObjective(model, teacher, config).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    images = torch.rand(10, 3, 224, 224, device=device)
+    labels = (torch.rand(10, 4, device=device) < 0.5).float()  # ~2 classes per tile, as in BCSS-WSSS
+    labels[labels.sum(1) == 0, 0] = 1.0
+    use_bf16 = device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            losses = objective(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+
+    step()  # warm-up: allocator, kernels, memory bank
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - started) / steps
+    result = {"variant": variant, "seconds_per_step": seconds, "images_per_s": 10 / seconds,
+              "peak_memory_mib": peak_memory_mib(device), "pairs_per_step": int(labels.sum())}
+    if variant == "cls+struct+sim":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "latest.pth"
+            save_checkpoint({"model": model.trainable_state_dict(), "objective": objective.extra_state_dict(),
+                             "optimizer": optimizer.state_dict()}, path)
+            result["checkpoint_mb"] = path.stat().st_size / 1e6
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in teacher.parameters())
+        result["trainable_params"] = trainable
+        result["total_params"] = total
+    return result
+
+
+def bench_inference(device: torch.device, images_count: int) -> dict[str, Any]:
+    from construct.data.synthetic import make_tile
+    from construct.inference.predictor import Predictor
+    from construct.models.build import build_model
+
+    import numpy as np
+
+    config = real_size_config()
+    torch.manual_seed(0)
+    model = build_model(config, device).eval()
+    rng = np.random.default_rng(0)
+    tiles = np.stack([make_tile(rng, 224)[0] for _ in range(images_count)])
+    images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    cpu_count = os.cpu_count() or 1
+    settings = {
+        "no TTA, no CRF": {"tta": False, "crf": False, "workers": 1},
+        "TTA (6 passes), no CRF": {"tta": True, "crf": False, "workers": 1},
+        "no TTA, CRF 1 worker": {"tta": False, "crf": True, "workers": 1},
+        f"no TTA, CRF {cpu_count} workers": {"tta": False, "crf": True, "workers": cpu_count},
+        f"TTA + CRF {cpu_count} workers": {"tta": True, "crf": True, "workers": cpu_count},
+    }
+    results = {}
+    batch = config.inference.batch_size
+    for name, kwargs in settings.items():
+        with Predictor(model, config, device, **kwargs) as predictor:
+            predictor.predict_batch(images[:2])  # warm-up (and CRF worker start-up)
+            synchronize(device)
+            started = time.perf_counter()
+            for start in range(0, images_count, batch):
+                predictor.predict_batch(images[start:start + batch])
+            synchronize(device)
+            results[name] = images_count / (time.perf_counter() - started)
+    return {"images": images_count, "images_per_s": results}
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; host: {text}"
+    return text
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    output = subprocess.run([sys.executable, "-m", "construct.bench", *args], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def render_section(device: torch.device, training: list[dict[str, Any]], inference: dict[str, Any]) -> str:
+    kind = "CUDA" if device.type == "cuda" else "CPU"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    memory = "CUDA max allocated" if device.type == "cuda" else "peak RSS of the process"
+    today = datetime.date.today().isoformat()
+    full = training[-1]
+    lines = [
+        f"## {kind} ({precision})",
+        "",
+        f"Measured {today} on: {machine_description(device)}. Real-size architectures (CONCH ViT-B/16 + MiT-B1)",
+        "with random weights, 224 px, batch 10; `python -m construct.bench --device "
+        f"{'cuda:0' if device.type == 'cuda' else 'cpu'}`.",
+        "",
+        f"| training losses | s / step | images / s | peak memory ({memory}) |",
+        "|---|---|---|---|",
+        *[f"| {r['variant']} | {r['seconds_per_step']:.2f} | {r['images_per_s']:.2f} | {r['peak_memory_mib'] / 1024:.2f} GiB |"
+          for r in training],
+        "",
+        f"L_sim encodes an FG and a BG view for each (image, present class) pair: {full['pairs_per_step']} pairs in",
+        "the benchmark batch, i.e. that many extra CONCH forward and backward passes per step.",
+        "",
+        f"| inference ({inference['images']} synthetic tiles) | images / s |",
+        "|---|---|",
+        *[f"| {name} | {value:.2f} |" for name, value in inference["images_per_s"].items()],
+        "",
+        f"Checkpoint (`latest.pth`: trainable state + AdamW state + memory bank): **{full['checkpoint_mb']:.1f} MB**.",
+        f"Trainable parameters: {full['trainable_params']:,} of {full['total_params']:,} "
+        f"({100 * full['trainable_params'] / full['total_params']:.2f}%).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_report(section: str, heading: str) -> None:
+    """Replace this device kind's section of docs/benchmarks.md (other sections stay)."""
+    text = REPORT.read_text(encoding="utf-8") if REPORT.exists() else "# Benchmarks\n\n"
+    pattern = re.compile(rf"^## {heading} .*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    REPORT.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default: 2 on CPU, 10 on CUDA)")
+    parser.add_argument("--images", type=int, default=None, help="inference tiles (default: 16 on CPU, 256 on CUDA)")
+    parser.add_argument("--no-write", action="store_true", help="print the report section instead of updating docs/benchmarks.md")
+    parser.add_argument("--child", choices=("train", "infer"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    steps = args.steps or (10 if on_cuda else 2)
+    images = args.images or (256 if on_cuda else 16)
+    if args.child == "train":
+        print(json.dumps(bench_training(args.variant, device, steps)))
+        return
+    if args.child == "infer":
+        print(json.dumps(bench_inference(device, images)))
+        return
+    common = ["--device", args.device, "--steps", str(steps), "--images", str(images)]
+    training = []
+    for variant in VARIANTS:
+        print(f"training: {variant} ...", flush=True)
+        training.append(run_child(["--child", "train", "--variant", variant, *common]))
+        print(f"  {training[-1]}", flush=True)
+    print("inference ...", flush=True)
+    inference = run_child(["--child", "infer", *common])
+    print(f"  {inference}", flush=True)
+    section = render_section(device, training, inference)
+    if args.no_write:
+        print(section)
+    else:
+        update_report(section, "CUDA" if on_cuda else "CPU")
+        print(f"updated {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
