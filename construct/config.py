@@ -118,7 +118,7 @@ class LossConfig:
     """lambda_sim: weight of the FG/BG contrastive loss (0 = off)."""
     fg_threshold: float = 0.5
     """alpha of the adaptive FG threshold: FG = CAM >= alpha * max."""
-    threshold_max: Literal["per_image", "per_class"] = "per_image"
+    threshold_max: Literal["per_image", "per_class"] = "per_class"
     """Maximum the FG threshold is relative to: one per image (authors' code) or per class."""
     temperature: float = 0.07
     """InfoNCE temperature tau of the FG/BG contrastive loss."""

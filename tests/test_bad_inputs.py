@@ -51,7 +51,7 @@ def trained_run(clean_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bad_inputs_run") / "run"
     config = load_config(DEMO, [f"data.root={clean_data}", "data.synthetic=null", "data.num_workers=0",
                                 f"work_dir={run}", f"model.image_size={SIZE}", "train.batch_size=2",
-                                "train.max_iters=2", "inference.batch_size=2", "inference.tile_stride=32"])
+                                "train.max_iters=2", "inference.batch_size=2"])
     train(config, DistInfo(device=torch.device("cpu")))
     return run
 
@@ -77,7 +77,7 @@ def main_args(data_root: Path, work_dir: Path, *opts: str, config: Path = DEMO,
     """main.py on the tiny presets and 64 px tiles; later ``opts`` override the defaults."""
     return ["main.py", "--config", config, *flags, "--opts", f"data.root={data_root}", "data.synthetic=null",
             "data.num_workers=0", f"work_dir={work_dir}", f"model.image_size={SIZE}", "train.batch_size=2",
-            "train.max_iters=2", "inference.batch_size=2", "inference.tile_stride=32", *opts]
+            "train.max_iters=2", "inference.batch_size=2", *opts]
 
 
 def script_args(name: str, run: Path, *args: str | Path) -> list[str | Path]:

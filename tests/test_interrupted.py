@@ -80,7 +80,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def run_main(setup: dict[str, Path], work_dir: Path, *flags: str, fault: str | None = None) -> subprocess.CompletedProcess:
     args = ["main.py", "--config", str(DEMO), "--device", "cpu", *flags, "--opts", f"data.root={setup['data']}",
             "data.synthetic=null", "data.num_workers=0", f"work_dir={work_dir}", "model.image_size=64",
-            "inference.tile_stride=32", "train.batch_size=2", f"train.max_iters={ITERATIONS}", "train.epochs=2",
+            "train.batch_size=2", f"train.max_iters={ITERATIONS}", "train.epochs=2",
             "train.checkpoint_interval=1", "train.log_interval=1", "inference.batch_size=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if fault is not None:
