@@ -19,7 +19,9 @@ class ResidualAdapter(nn.Module):
             nn.Conv2d(channels, channels, 1),
             nn.BatchNorm2d(channels),
             nn.GELU(),
-            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+            # Reflect padding: zero padding lets learned, asymmetric kernels mark the tile border,
+            # which shows up as CAM activation along the edges.
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels, padding_mode="reflect"),
             nn.BatchNorm2d(channels),
             nn.GELU(),
             nn.Conv2d(channels, channels, 1),
