@@ -17,7 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from construct.config import load_config
+from construct.constants import BACKGROUND_INDEX
+from construct.data.io import read_mask
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -28,6 +32,12 @@ def run(command: list[str]) -> None:
     result = subprocess.run(command, cwd=REPO)
     if result.returncode != 0:
         sys.exit(f"demo step failed (exit {result.returncode}): {shlex.join(command)}")
+
+
+def richest_test_image(root: Path) -> str:
+    """The test tile whose mask shows the most tissue classes: the most telling prototype figure."""
+    masks = sorted((root / "test" / "mask").glob("*.png"))
+    return max(masks, key=lambda path: len(set(np.unique(read_mask(path)).tolist()) - {BACKGROUND_INDEX})).name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,9 +56,8 @@ def main(argv: list[str] | None = None) -> None:
          "--split", "test", "--protocol", "both", "--device", "cpu"])
     run([python, "visualization_utils/generate_cam.py", "--config", run_config, "--checkpoint", checkpoint,
          "--split", "test", "--overlay", "--save-cam", "--max-images", str(args.images), "--device", "cpu"])
-    test_images = sorted((REPO / config.data.root / "test" / "img").glob("*.png"))
     run([python, "visualization_utils/visualize_prototypes.py", "--config", run_config, "--checkpoint", checkpoint,
-         "--split", "test", "--images", test_images[0].name, "--device", "cpu"])
+         "--split", "test", "--images", richest_test_image(REPO / config.data.root), "--device", "cpu"])
 
     metrics = {p: json.loads((REPO / work_dir / f"metrics_test_{p}.json").read_text())
                for p in ("predicted", "ground_truth")}

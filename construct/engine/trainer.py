@@ -215,7 +215,7 @@ def train(
                     losses = step_module(images, labels)
                 total = losses["total"]
                 if not torch.isfinite(total):
-                    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                     kept = work_dir / "latest.pth"
                     raise TrainingError(
                         f"loss is not finite at iteration {iteration + 1} ({terms}); stopped. "
