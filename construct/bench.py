@@ -102,11 +102,11 @@ def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, 
 
 
 def bench_inference(device: torch.device, images_count: int) -> dict[str, Any]:
+    import numpy as np
+
     from construct.data.synthetic import make_tile
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
-
-    import numpy as np
 
     config = real_size_config()
     torch.manual_seed(0)

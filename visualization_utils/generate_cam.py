@@ -22,8 +22,16 @@ from construct.data.datasets import ImageFolderDataset
 from construct.data.io import write_image, write_mask
 from construct.inference.predictor import Prediction, to_uint8_images
 from construct.inference.render import overlay
-from visualization_utils.common import (add_inference_arguments, add_model_arguments, atomic_output, first, load,
-                                        make_predictor, presence_of, split_dataset)
+from visualization_utils.common import (
+    add_inference_arguments,
+    add_model_arguments,
+    atomic_output,
+    first,
+    load,
+    make_predictor,
+    presence_of,
+    split_dataset,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

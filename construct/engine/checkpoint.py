@@ -46,6 +46,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_weight_file(path: str | Path, what: str) -> Any:
+    """Read a third-party weight file (.safetensors, or torch with weights-only unpickling).
+
+    ``what`` names the file in errors ("CONCH checkpoint"): a pickled object, a corrupt or a
+    truncated file each end in one CheckpointError line.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {unpickling_problem(exc)}") from exc
+    except Exception as exc:  # corrupt or truncated files land here, whatever the reader raises
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: {reason}") from exc
+
+
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

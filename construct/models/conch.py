@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,13 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import AttentionalPooler, TextTransformer
-from safetensors.torch import load_file as load_safetensors
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from construct.constants import CLIP_MEAN, CLIP_STD
-from construct.engine.checkpoint import unpickling_problem
+from construct.engine.checkpoint import read_weight_file
 from construct.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -270,16 +268,7 @@ def _tokenizer(path: str) -> PreTrainedTokenizerFast:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            state = load_safetensors(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # a pickled object refused by weights-only loading, or not a pickle
-        raise CheckpointError(f"cannot read CONCH checkpoint {path}: {unpickling_problem(exc)}") from exc
-    except Exception as exc:  # corrupt or truncated files land here
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read CONCH checkpoint {path}: {type(exc).__name__}: {reason}") from exc
+    state = read_weight_file(path, "CONCH checkpoint")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"CONCH checkpoint {path} is not a plain state dict (name → tensor)")
     return dict(state)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import SegformerConfig, SegformerModel
 
 from construct.constants import IMAGENET_MEAN, IMAGENET_STD
+from construct.engine.checkpoint import read_weight_file
 from construct.errors import CheckpointError, ConfigError
 
 _ARCH_FIELDS = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios")
@@ -212,15 +213,7 @@ def _read_hf_weights(folder: Path) -> dict[str, Tensor]:
 
 def _read_file(path: Path) -> dict[str, Tensor]:
     """Read a weight file; unwrap mmseg checkpoints and drop classification/decode heads."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable/untrusted file is the user's problem
-        raise CheckpointError(f"cannot read MiT checkpoint {path}: {err}") from err
+    state = read_weight_file(path, "MiT checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
     if isinstance(state.get("state_dict"), dict):  # mmseg: backbone under "backbone.", heads beside it
