@@ -174,7 +174,7 @@ def render_section(device: torch.device, training: list[dict[str, Any]], inferen
           for r in training],
         "",
         f"L_sim encodes an FG and a BG view for each (image, present class) pair: {full['pairs_per_step']} pairs in",
-        "the benchmark batch, i.e. that many extra CONCH forward and backward passes per step.",
+        f"the benchmark batch, i.e. {2 * full['pairs_per_step']} extra CONCH image-encoder passes (forward and backward) per step.",
         "",
         f"| inference ({inference['images']} synthetic tiles) | images / s |",
         "|---|---|",
