@@ -16,8 +16,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 255, 255),  # BACK
 )
 
-BCSS_MEAN = (0.66791496, 0.47791372, 0.70623304)
-BCSS_STD = (0.1736589, 0.22564577, 0.19820057)
+# Each network normalises with the statistics it was trained with (CONCH: OpenAI CLIP's; the
+# SegFormer teacher: ImageNet's), never with dataset statistics (the authors' code feeds CONCH
+# BCSS-normalised pixels, method.md §9.3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
