@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import AttentionalPooler, TextTransformer
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -67,6 +66,10 @@ class _VisualTower(nn.Module):
 
     def __init__(self, preset: ConchPreset, image_size: int) -> None:
         super().__init__()
+        # Deferred: importing open_clip pulls in transformers and torchvision (seconds on a CPU),
+        # which CLI start-up, config errors and CRF worker processes need not pay for.
+        from open_clip.transformer import AttentionalPooler
+
         width = preset.trunk_width
         self.trunk = VisionTransformer(
             embed_dim=width,
@@ -110,6 +113,8 @@ class ConchModel(nn.Module):
         self.tokenizer_path = tokenizer_path
         self.embed_dim = EMBED_DIM
         self.trunk_width = cfg.trunk_width
+        from open_clip.transformer import TextTransformer  # deferred, see _VisualTower
+
         self.visual = _VisualTower(cfg, image_size)
         self.text = TextTransformer(
             # embed_cls adds one position for the CLS embedding: 127 + 1 = CONTEXT_LENGTH
