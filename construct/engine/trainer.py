@@ -59,8 +59,8 @@ def poly_lambda(total_iterations: int, power: float) -> Callable[[int], float]:
     return lambda step: max(0.0, 1.0 - step / max(total_iterations, 1)) ** power
 
 
-def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> Path:
-    """The run folder; an existing run is reused only with --resume or --overwrite."""
+def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> None:
+    """Create the run folder; an existing run is reused only with --resume or --overwrite."""
     work_dir = Path(config.work_dir)
     if (work_dir / "latest.pth").exists() and not (resume or overwrite):
         raise TrainingError(
@@ -73,7 +73,6 @@ def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as exc:
         raise TrainingError(f"{work_dir}: work dir is not writable ({os_error_reason(exc, work_dir)})") from None
-    return work_dir
 
 
 class JsonlLogger:
