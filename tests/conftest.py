@@ -1,14 +1,9 @@
-"""Shared test fixtures: the repo's shared fixture folder and small seeded configs."""
+"""Shared test set-up: every test starts from the same torch seed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from construct.models.conch import ConchModel, load_conch, tokenize
 # conch-fork (the oracle) imports a deprecated timm path; not our code
 pytestmark = pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning")
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 POS = "visual.trunk.pos_embed"
 TEXTS = [
     "Tumor (TUM) regions consist of malignant epithelial cells with pleomorphic, hyperchromatic nuclei.",
