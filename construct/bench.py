@@ -108,24 +108,25 @@ def bench_inference(device: torch.device, images_count: int) -> dict[str, Any]:
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
 
-    config = real_size_config()
+    configs = {mode: real_size_config(f"inference.tta={mode}") for mode in ("intensity", "resize")}
     torch.manual_seed(0)
-    model = build_model(config, device).eval()
+    model = build_model(configs["intensity"], device).eval()
     rng = np.random.default_rng(0)
     tiles = np.stack([make_tile(rng, 224)[0] for _ in range(images_count)])
     images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
     cpu_count = os.cpu_count() or 1
-    settings = {
-        "no TTA, no CRF": {"tta": False, "crf": False, "workers": 1},
-        "TTA (6 passes), no CRF": {"tta": True, "crf": False, "workers": 1},
-        "no TTA, CRF 1 worker": {"tta": False, "crf": True, "workers": 1},
-        f"no TTA, CRF {cpu_count} workers": {"tta": False, "crf": True, "workers": cpu_count},
-        f"TTA + CRF {cpu_count} workers": {"tta": True, "crf": True, "workers": cpu_count},
+    settings = {  # name: (inference.tta, Predictor options)
+        "no TTA, no CRF": ("intensity", {"tta": False, "crf": False, "workers": 1}),
+        "TTA intensity (6 passes), no CRF": ("intensity", {"tta": True, "crf": False, "workers": 1}),
+        "TTA resize (6 passes), no CRF": ("resize", {"tta": True, "crf": False, "workers": 1}),
+        "no TTA, CRF 1 worker": ("intensity", {"tta": False, "crf": True, "workers": 1}),
+        f"no TTA, CRF {cpu_count} workers": ("intensity", {"tta": False, "crf": True, "workers": cpu_count}),
+        f"TTA intensity + CRF {cpu_count} workers": ("intensity", {"tta": True, "crf": True, "workers": cpu_count}),
     }
     results = {}
-    batch = config.inference.batch_size
-    for name, kwargs in settings.items():
-        with Predictor(model, config, device, **kwargs) as predictor:
+    batch = configs["intensity"].inference.batch_size
+    for name, (mode, kwargs) in settings.items():
+        with Predictor(model, configs[mode], device, **kwargs) as predictor:
             predictor.predict_batch(images[:2])  # warm-up (and CRF worker start-up)
             synchronize(device)
             started = time.perf_counter()

@@ -180,10 +180,15 @@ class InferenceConfig:
     """Probability above which a class counts as present under the predicted protocol."""
     background_power: float = 10.0
     """Background channel = (1 - max_c CAM_c) ** background_power."""
+    tta: Literal["intensity", "resize"] = "intensity"
+    """Test-time augmentation. 'intensity' (the authors' code, which made the paper's numbers): CONCH's
+    normalised input times each factor at the tile's size; CAMs averaged, logits from the plain pass.
+    'resize': the input resized by each factor; CAMs and logits averaged."""
+    tta_factors: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    """Test-time augmentation factors: intensity multipliers or resize scales, as inference.tta says
+    ([1.0] = none; resize needs 1.0)."""
     tta_flip: bool = True
-    """Test-time augmentation: also run the horizontally flipped image."""
-    tta_scales: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
-    """Test-time augmentation: input scales whose CAMs are averaged ([1.0] = none)."""
+    """Test-time augmentation: also run each factor on the horizontally flipped image."""
     crf: CrfConfig = field(default_factory=CrfConfig)
     tile_stride: int | None = None
     """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
@@ -406,11 +411,13 @@ def validate(config: Config, source: str) -> None:
         fail("loss.fg_threshold", f"must lie in (0, 1), got {config.loss.fg_threshold}")
     if config.loss.memory_bank_size < 0:
         fail("loss.memory_bank_size", "must be >= 0")
-    if not config.inference.tta_scales:
-        fail("inference.tta_scales", "must hold at least one scale (use [1.0] for none)")
+    if not config.inference.tta_factors:
+        fail("inference.tta_factors", "must hold at least one factor (use [1.0] for none)")
+    if any(factor <= 0 for factor in config.inference.tta_factors):
+        fail("inference.tta_factors", f"must all be positive, got {config.inference.tta_factors}")
     if config.inference.tile_stride is not None and not 0 < config.inference.tile_stride <= model.image_size:
         fail("inference.tile_stride", f"must lie in 1..model.image_size ({model.image_size}) or tiles leave gaps")
-    if 1.0 not in config.inference.tta_scales:
-        fail("inference.tta_scales", "must include 1.0 (CAMs are averaged on its grid)")
+    if config.inference.tta == "resize" and 1.0 not in config.inference.tta_factors:
+        fail("inference.tta_factors", "must include 1.0 when inference.tta is 'resize' (CAMs are averaged on its grid)")
     if config.data.val_split not in ("val", "valid", "test"):
         fail("data.val_split", f"must be val, valid or test, got '{config.data.val_split}'")

@@ -19,7 +19,7 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
         "--config", str(REPO / "configs" / "demo.yaml"), "--variants", "cls,full", "--seeds", "0",
         "--out", str(out), "--device", "cpu", "--workers", "1", "--opts", f"data.root={root}", "data.synthetic=null",
         "data.num_workers=0", "model.image_size=64", "train.batch_size=4", "train.max_iters=4", "train.eval_interval=2",
-        "inference.batch_size=4", "inference.tta_scales=[1.0]",
+        "inference.batch_size=4", "inference.tta_factors=[1.0]",
     ])
     main(args)
 

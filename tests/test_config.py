@@ -75,11 +75,11 @@ def test_int_accepted_for_float_and_null_for_optional(tmp_path):
 def test_overrides_parse_yaml_scalars(tmp_path):
     path = write(tmp_path / "c.yaml", {"train": {"batch_size": 10}})
     config = load_config(path, ["train.batch_size=4", "data.root=/x", "model.conch.checkpoint=null",
-                                "inference.tta_scales=[1.0]", "data.synthetic.train=5"])
+                                "inference.tta_factors=[1.0]", "data.synthetic.train=5"])
     assert config.train.batch_size == 4
     assert config.data.root == "/x"
     assert config.model.conch.checkpoint is None
-    assert config.inference.tta_scales == [1.0]
+    assert config.inference.tta_factors == [1.0]
     assert config.data.synthetic is not None and config.data.synthetic.train == 5
 
 
@@ -100,6 +100,23 @@ def test_cross_field_validation(tmp_path):
         load_config(write(tmp_path / "c.yaml", {"model": {"image_size": 200}}))
     with pytest.raises(ConfigError, match="model.prompts"):
         load_config(write(tmp_path / "d.yaml", {"model": {"prompts": ["only one"]}}))
+
+
+def test_tta_mode_and_factors(tmp_path):
+    path = write(tmp_path / "c.yaml", {})
+    assert load_config(path).inference.tta == "intensity"  # the authors' TTA: what the paper's numbers used
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["inference.tta=multiscale"])
+    message = str(info.value)
+    assert "'inference.tta'" in message and "multiscale" in message and "resize" in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"inference\.tta_factors.*positive"):
+        load_config(path, ["inference.tta_factors=[0.9, 0.0]"])
+    with pytest.raises(ConfigError, match=r"inference\.tta_factors.*at least one"):
+        load_config(path, ["inference.tta_factors=[]"])
+    # Resize averages CAMs on the unscaled grid, so it needs 1.0; intensity does not.
+    with pytest.raises(ConfigError, match=r"inference\.tta_factors.*1\.0"):
+        load_config(path, ["inference.tta=resize", "inference.tta_factors=[0.9, 1.1]"])
+    assert load_config(path, ["inference.tta_factors=[0.9, 1.1]"]).inference.tta_factors == [0.9, 1.1]
 
 
 def test_base_chain_and_missing_base(tmp_path):

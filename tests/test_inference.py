@@ -10,17 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from construct.config import CrfConfig, load_config
+from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.data.io import read_image
 from construct.errors import ConfigError, DataError
 from construct.inference.crf import crf_batch, dense_crf
 from construct.inference.postprocess import select_presence
 from construct.inference.predictor import Predictor
 from construct.inference.tiling import tile_starts, tiled_forward
-from construct.inference.tta import scaled_size, tta_forward
+from construct.inference.tta import TtaSettings, intensity_tta, resize_tta, scaled_size
 from construct.models.build import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-HE_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "he_cmu1_crop_768.png"
+HE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "he_cmu1_crop_768.png"
 CPU = torch.device("cpu")
 
 
@@ -75,17 +76,87 @@ def test_tta_off_is_one_forward(model, config):
     images = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         out = model(images)
-    cams, logits = Predictor(model, config, CPU, tta=False, crf=False).network(images)
+    predictor = Predictor(model, config, CPU, tta=False, crf=False)
+    cams, logits = predictor.network(images)
     torch.testing.assert_close(cams, out.cams)
     torch.testing.assert_close(logits, out.logits)
+    assert predictor.tta.record() == {"mode": "off", "factors": [1.0], "flip": False, "forward_passes": 1}
 
 
-def test_tta_shapes_and_flip_equivariance(model):
-    images = torch.rand(1, 3, 224, 224)
-    scales = [0.9, 1.0]
+class TrunkInputs:
+    """Records every tensor the CONCH trunk receives (its patch embedding's input) while in use."""
+
+    def __init__(self, model) -> None:
+        self.patch_embed = model.conch.visual.trunk.patch_embed
+        self.seen: list[torch.Tensor] = []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        self.handle = self.patch_embed.register_forward_pre_hook(lambda _, args: self.seen.append(args[0].clone()))
+        return self.seen
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.handle.remove()
+
+
+def clip_normalised(images: torch.Tensor) -> torch.Tensor:
+    return (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def test_intensity_tta_multiplies_the_normalised_input_and_averages_unflipped(model):
+    images = torch.rand(2, 3, 224, 224)
+    factors = (0.9, 1.0, 1.1)
+    with torch.no_grad(), TrunkInputs(model) as seen:
+        cams, logits = TtaSettings("intensity", factors, flip=True).forward(model, images)
+    # The passes: the tile at its own size, CONCH-normalised, (un)flipped, times each factor; the plain
+    # pass is the unflipped x1.0 one, not run again.
+    expected = [(clip_normalised(images).flip(-1) if mirrored else clip_normalised(images)) * factor
+                for factor in factors for mirrored in (False, True)]
+    assert len(seen) == len(expected) == TtaSettings("intensity", factors, flip=True).forward_passes == 6
+    for received, wanted in zip(seen, expected):
+        assert received.shape == (2, 3, 224, 224)
+        torch.testing.assert_close(received, wanted)
+    # Independent route to the same passes: a [0, 1] image whose CLIP normalisation is the scaled one.
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     with torch.no_grad():
-        cams, logits = tta_forward(model, images, scales, flip=True)
-        mirrored, mirrored_logits = tta_forward(model, images.flip(-1), scales, flip=True)
+        passes = [model(mean + factor * (images - mean)) for factor in factors]
+        mirrored = [model((mean + factor * (images - mean)).flip(-1)) for factor in factors]
+        plain = model(images)
+    mean_cams = (sum(p.cams for p in passes) + sum(m.cams.flip(-1) for m in mirrored)) / 6
+    torch.testing.assert_close(cams, mean_cams, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, plain.logits, atol=0, rtol=0)  # the plain pass's logits, not a mean
+    # Scaling the [0, 1] image instead (what the released code does not do) gives other CAMs.
+    with torch.no_grad():
+        brightened = model(images * 1.1).cams
+    assert not torch.allclose(brightened, passes[2].cams, atol=1e-3)
+
+
+def test_intensity_tta_without_the_unit_factor_runs_the_plain_pass(model):
+    images = torch.rand(1, 3, 224, 224)
+    settings = TtaSettings("intensity", (0.8, 1.2), flip=False)
+    with torch.no_grad(), TrunkInputs(model) as seen:
+        cams, logits = settings.forward(model, images)
+    with torch.no_grad():
+        augmented = [model(images, intensity=factor).cams for factor in (0.8, 1.2)]
+        plain = model(images)
+    assert len(seen) == settings.forward_passes == 3
+    for received, factor in zip(seen, (0.8, 1.2, 1.0)):
+        torch.testing.assert_close(received, clip_normalised(images) * factor)
+    torch.testing.assert_close(cams, (augmented[0] + augmented[1]) / 2)
+    torch.testing.assert_close(logits, plain.logits, atol=0, rtol=0)
+
+
+def test_resize_tta_passes_and_flip_equivariance(model):
+    images = torch.rand(1, 3, 224, 224)
+    scales = [0.9, 1.0, 1.1]
+    with torch.no_grad(), TrunkInputs(model) as seen:
+        cams, logits = resize_tta(model, images, scales, flip=True)
+    assert [tuple(x.shape[-2:]) for x in seen] == [(224, 224)] * 2 + [(208, 208)] * 2 + [(240, 240)] * 2
+    torch.testing.assert_close(seen[0], clip_normalised(images))
+    torch.testing.assert_close(seen[1], clip_normalised(images).flip(-1))
+    resized = F.interpolate(images, size=(208, 208), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen[2], clip_normalised(resized))
+    with torch.no_grad():
+        mirrored, mirrored_logits = resize_tta(model, images.flip(-1), scales, flip=True)
     assert cams.shape == (1, 4, 14, 14) and logits.shape == (1, 4)
     # Averaging over both flips and un-flipping each pass makes the result mirror with the input.
     torch.testing.assert_close(mirrored, cams.flip(-1), atol=1e-4, rtol=1e-4)
@@ -93,9 +164,26 @@ def test_tta_shapes_and_flip_equivariance(model):
     assert scaled_size(224, 0.9) == 208 and scaled_size(224, 1.1) == 240
 
 
-def test_tta_needs_the_unit_scale(model):
+def test_resize_tta_needs_the_unit_scale(model):
     with pytest.raises(ConfigError, match="1.0"):
-        tta_forward(model, torch.rand(1, 3, 224, 224), [0.9, 1.1], flip=False)
+        resize_tta(model, torch.rand(1, 3, 224, 224), [0.9, 1.1], flip=False)
+
+
+@pytest.mark.parametrize("mode, tiles", [("intensity", (224, 224)), ("resize", None)])
+def test_predictor_runs_the_configured_tta_on_every_tile(model, mode, tiles):
+    config = load_config(REPO / "configs" / "demo.yaml", ["inference.batch_size=4", f"inference.tta={mode}"])
+    predictor = Predictor(model, config, CPU, tta=True, crf=False)
+    assert predictor.tta.record() == {"mode": mode, "factors": [0.9, 1.0, 1.1], "flip": True, "forward_passes": 6}
+    image = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        direct = (intensity_tta if mode == "intensity" else resize_tta)(model, image, [0.9, 1.0, 1.1], flip=True)
+    torch.testing.assert_close(predictor.network(image), direct)
+    with TrunkInputs(model) as seen:
+        predictor.network(torch.rand(1, 3, 240, 300))  # 4 sliding windows
+    assert len(seen) == 6  # one batch of 4 windows per pass
+    sizes = {tuple(x.shape[-2:]) for x in seen}
+    assert sizes == ({tiles} if tiles else {(208, 208), (224, 224), (240, 240)})
+    assert all(len(x) == 4 for x in seen)
 
 
 def test_tile_starts_cover_the_image_flush():
@@ -126,7 +214,7 @@ def test_tiling_one_window_equals_plain_forward(model):
     image = torch.rand(3, 224, 224)
     with torch.no_grad():
         out = model(image[None])
-        cams, logits = tiled_forward(lambda x: tta_forward(model, x, [1.0], flip=False), image, 224, 112, 4)
+        cams, logits = tiled_forward(lambda x: TtaSettings("off").forward(model, x), image, 224, 112, 4)
     expected = F.interpolate(out.cams, size=(224, 224), mode="bilinear", align_corners=False)
     torch.testing.assert_close(cams, expected)
     torch.testing.assert_close(logits, out.logits)

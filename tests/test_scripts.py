@@ -25,7 +25,7 @@ from construct.engine.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "visualization_utils"
-HE_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "he_cmu1_crop_768.png"
+HE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "he_cmu1_crop_768.png"
 METRICS = ("miou", "mdice", "fwiou", "pixel_accuracy")
 
 
@@ -72,7 +72,8 @@ def test_evaluate_performance_both_protocols_with_crf(run_dir, tmp_path):
         assert f"presence protocol '{protocol}'" in result.stdout
         record = json.loads((tmp_path / f"metrics_test_{protocol}.json").read_text())
         assert record["protocol"] == protocol and record["split"] == "test" and record["images"] == 3
-        assert record["crf"] is True and record["tta"] is False and record["checkpoint"].endswith("best.pth")
+        assert record["crf"] is True and record["checkpoint"].endswith("best.pth")
+        assert record["tta"] == {"mode": "off", "factors": [1.0], "flip": False, "forward_passes": 1}
         for key in METRICS:
             assert record[key] is None or 0.0 <= record[key] <= 100.0
         assert set(record["per_class"]) == set(ALL_CLASS_NAMES)
@@ -80,6 +81,21 @@ def test_evaluate_performance_both_protocols_with_crf(run_dir, tmp_path):
         assert np.array(record["confusion_matrix"]).sum() == 3 * 224 * 224
     for name in ALL_CLASS_NAMES + ("mIoU", "mDice", "FwIoU", "PixAcc"):
         assert name in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["intensity", "resize"])
+def test_scripts_run_and_name_each_tta_mode(run_dir, tmp_path, capsys, mode):
+    common = [*map(str, model_args(run_dir)), "--opts", f"inference.tta={mode}", "--no-crf", "--max-images", "1"]
+    evaluate = script("evaluate_performance")
+    evaluate["main"](evaluate["build_parser"]().parse_args(
+        [*common, "--split", "test", "--protocol", "predicted", "--out", str(tmp_path)]))
+    used = {"mode": mode, "factors": [0.9, 1.0, 1.1], "flip": True, "forward_passes": 6}
+    assert json.loads((tmp_path / "metrics_test_predicted.json").read_text())["tta"] == used
+    assert f"TTA {mode} ×[0.9, 1.0, 1.1] + flip (6 passes)" in capsys.readouterr().out
+    generate = script("generate_cam")
+    generate["main"](generate["build_parser"]().parse_args([*common, "--split", "val", "--out-dir", str(tmp_path / "masks")]))
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 1
+    assert json.loads((tmp_path / "masks" / "generate_cam.json").read_text())["tta"] == used
 
 
 def test_generate_cam_on_val_writes_masks_cams_overlays(run_dir):

@@ -43,7 +43,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """--no-crf, --no-tta, --workers, --max-images."""
     parser.add_argument("--no-crf", action="store_true", help="skip the dense CRF (argmax of the gated CAMs instead)")
     parser.add_argument("--no-tta", action="store_true",
-                        help="one forward pass instead of test-time augmentation (inference.tta_flip x inference.tta_scales)")
+                        help="one plain forward pass instead of test-time augmentation (inference.tta over "
+                        "inference.tta_factors x inference.tta_flip)")
     parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help=f"CRF worker processes (default: all {os.cpu_count()} cores; 1 = serial)")
     parser.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="process only the first N images")

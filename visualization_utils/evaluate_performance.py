@@ -45,10 +45,10 @@ def main(args: argparse.Namespace) -> None:
     out_dir = args.out or args.checkpoint.parent
     for protocol, metrics in results.items():
         print(f"\n{args.split} split, {len(dataset)} images, presence protocol '{protocol}', "
-              f"CRF {'on' if predictor.uses_crf else 'off'}, TTA {'off' if args.no_tta else 'on'}")
+              f"CRF {'on' if predictor.uses_crf else 'off'}, {predictor.tta.describe()}")
         print(metrics.format_table())
         record = {**metrics.to_dict(), "protocol": protocol, "split": args.split, "checkpoint": str(args.checkpoint),
-                  "config": str(args.config), "crf": predictor.uses_crf, "tta": not args.no_tta, "images": len(dataset)}
+                  "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": len(dataset)}
         path = out_dir / f"metrics_{args.split}_{protocol}.json"
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> None:
                 save_outputs(out_dir, name, image, prediction, args.save_cam, args.overlay)
             progress.update(len(predictions))
     info = {"source": str(args.input_dir or args.split), "protocol": protocol, "checkpoint": str(args.checkpoint),
-            "config": str(args.config), "crf": predictor.uses_crf, "tta": not args.no_tta, "images": len(dataset)}
+            "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": len(dataset)}
     with atomic_output(out_dir / "generate_cam.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {len(dataset)} masks (presence protocol '{protocol}') to {out_dir}")

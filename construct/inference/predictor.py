@@ -12,7 +12,7 @@ from construct.config import Config
 from construct.inference.crf import CrfPool
 from construct.inference.postprocess import cam_probabilities, select_presence
 from construct.inference.tiling import tiled_forward, window_stride
-from construct.inference.tta import tta_forward
+from construct.inference.tta import TtaSettings
 from construct.models.construct import ConStructModel
 
 
@@ -46,8 +46,9 @@ def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
 class Predictor:
     """Turns [0, 1] image batches into masks with the inference settings of ``config``.
 
-    Tile-sized images run as one batch; larger ones go through sliding-window tiling. ``tta`` uses
-    ``inference.tta_flip`` × ``inference.tta_scales`` (off = one pass); ``crf`` runs the dense CRF of
+    Tile-sized images run as one batch; larger ones go through sliding-window tiling. ``tta`` runs
+    ``inference.tta`` over ``inference.tta_factors`` × ``inference.tta_flip`` on every tile (off = one
+    plain pass; :attr:`tta` says which ran); ``crf`` runs the dense CRF of
     ``inference.crf`` over ``workers`` processes (None = all cores). Close it (or use ``with``) to
     stop the CRF workers.
     """
@@ -58,8 +59,7 @@ class Predictor:
         self.config = config
         self.device = device
         self.inference = config.inference
-        self.scales = list(self.inference.tta_scales) if tta else [1.0]
-        self.flip = self.inference.tta_flip if tta else False
+        self.tta = TtaSettings.from_config(self.inference) if tta else TtaSettings("off")
         self.crf = CrfPool(self.inference.crf, workers) if crf else None
 
     @property
@@ -67,7 +67,7 @@ class Predictor:
         return self.crf is not None
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tta_forward(self.model, images, self.scales, self.flip)
+        return self.tta.forward(self.model, images)
 
     @torch.no_grad()
     def network(self, images: torch.Tensor, names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,15 +1,25 @@
-"""Test-time augmentation: CAMs and logits averaged over horizontal flips × input scales (method.md §7)."""
+"""Test-time augmentation (method.md §7): horizontal flips × intensity factors or input scales.
+
+``intensity`` is what the authors' code runs and what made the paper's numbers: every pass sees the
+tile at its own size, CONCH's normalised input multiplied by a factor (the ``ttach`` ``Multiply``
+transform on an already-normalised tensor), optionally mirrored. ``resize`` is multi-scale TTA.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from construct.config import InferenceConfig
 from construct.errors import ConfigError
 from construct.models.conch import PATCH_SIZE
 from construct.models.construct import ConStructModel
+
+TtaMode = Literal["off", "intensity", "resize"]
 
 
 def scaled_size(size: int, scale: float) -> int:
@@ -17,15 +27,41 @@ def scaled_size(size: int, scale: float) -> int:
     return max(PATCH_SIZE, round(size * scale / PATCH_SIZE) * PATCH_SIZE)
 
 
-def tta_forward(model: ConStructModel, images: torch.Tensor, scales: Sequence[float],
-                flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CAMs (B×C×h×w, on the CAM grid of the unscaled input) and mean logits (B×C).
+def _flips(flip: bool) -> tuple[bool, ...]:
+    return (False, True) if flip else (False,)
+
+
+def intensity_tta(model: ConStructModel, images: torch.Tensor, factors: Sequence[float],
+                  flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CAMs over flips × intensity factors (B×C×h×w) and the logits of the plain pass (B×C).
+
+    Each pass multiplies CONCH's normalised input by a factor, at the input's size; mirrored passes
+    are mirrored back before averaging. As in the authors' code, the image-level logits come from
+    one plain pass, not from the augmented ones. When 1.0 is a factor, the unflipped ×1.0 pass *is*
+    that plain pass (the same input, bit for bit), so its logits are taken instead of running it twice.
+    """
+    cams_sum = plain_logits = None
+    for factor in factors:
+        for mirrored in _flips(flip):
+            out = model(images.flip(-1) if mirrored else images, intensity=factor)
+            cams = out.cams.float().flip(-1) if mirrored else out.cams.float()
+            cams_sum = cams if cams_sum is None else cams_sum + cams
+            if factor == 1.0 and not mirrored:
+                plain_logits = out.logits.float()
+    if plain_logits is None:
+        plain_logits = model(images).logits.float()
+    return cams_sum / (len(factors) * len(_flips(flip))), plain_logits
+
+
+def resize_tta(model: ConStructModel, images: torch.Tensor, scales: Sequence[float],
+               flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CAMs (B×C×h×w, on the CAM grid of the unscaled input) and mean logits (B×C) over flips × scales.
 
     Each pass resizes the input bilinearly (scale ≠ 1), optionally mirrors it, and its CAMs are
     mirrored back and resized to the scale-1.0 grid. ``scales=[1.0], flip=False`` is one plain pass.
     """
     if 1.0 not in scales:
-        raise ConfigError(f"inference.tta_scales {list(scales)} must include 1.0: CAMs are averaged on its grid")
+        raise ConfigError(f"inference.tta_factors {list(scales)} must include 1.0 for resize TTA: CAMs are averaged on its grid")
     height, width = images.shape[-2:]
     cams_sum = logits_sum = None
     passes = 0
@@ -33,7 +69,7 @@ def tta_forward(model: ConStructModel, images: torch.Tensor, scales: Sequence[fl
     for scale in sorted(scales, key=lambda s: s != 1.0):
         size = (scaled_size(height, scale), scaled_size(width, scale))
         scaled = images if scale == 1.0 else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        for mirrored in (False, True) if flip else (False,):
+        for mirrored in _flips(flip):
             out = model(scaled.flip(-1) if mirrored else scaled)
             cams = out.cams.float().flip(-1) if mirrored else out.cams.float()
             if cams_sum is None:
@@ -44,3 +80,44 @@ def tta_forward(model: ConStructModel, images: torch.Tensor, scales: Sequence[fl
                 cams_sum, logits_sum = cams_sum + cams, logits_sum + out.logits.float()
             passes += 1
     return cams_sum / passes, logits_sum / passes
+
+
+@dataclass(frozen=True)
+class TtaSettings:
+    """The augmentation a predictor runs on each tile; ``mode='off'`` is one plain pass."""
+
+    mode: TtaMode
+    factors: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    @classmethod
+    def from_config(cls, inference: InferenceConfig) -> TtaSettings:
+        return cls(inference.tta, tuple(inference.tta_factors), inference.tta_flip)
+
+    @property
+    def forward_passes(self) -> int:
+        """Network passes per tile (intensity's plain pass costs one only when 1.0 is not a factor)."""
+        if self.mode == "off":
+            return 1
+        augmented = len(self.factors) * len(_flips(self.flip))
+        return augmented + int(self.mode == "intensity" and 1.0 not in self.factors)
+
+    def record(self) -> dict[str, Any]:
+        """What output files store about the augmentation (JSON-ready)."""
+        return {"mode": self.mode, "factors": list(self.factors), "flip": self.flip, "forward_passes": self.forward_passes}
+
+    def describe(self) -> str:
+        """One line for printed summaries, e.g. ``TTA intensity ×[0.9, 1.0, 1.1] + flip (6 passes)``."""
+        if self.mode == "off":
+            return "TTA off"
+        return (f"TTA {self.mode} ×{list(self.factors)}{' + flip' if self.flip else ''} "
+                f"({self.forward_passes} passes)")
+
+    def forward(self, model: ConStructModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CAMs (B×C×h×w, the CAM grid of ``images``) and logits (B×C), as float32."""
+        if self.mode == "intensity":
+            return intensity_tta(model, images, self.factors, self.flip)
+        if self.mode == "resize":
+            return resize_tta(model, images, self.factors, self.flip)
+        out = model(images)
+        return out.cams.float(), out.logits.float()

@@ -169,14 +169,19 @@ class ConchModel(nn.Module):
         # the last slot is where the text tower appends its CLS embedding
         return F.normalize(self.text(token_ids[:, :-1]), dim=-1)
 
-    def block_features(self, images: Tensor, blocks: Sequence[int] = (2, 5, 8, 11)) -> list[Tensor]:
-        """Outputs of trunk ``blocks`` (0-indexed, before the final norm) as B×C×h×w grids, in request order."""
+    def block_features(self, images: Tensor, blocks: Sequence[int] = (2, 5, 8, 11), intensity: float = 1.0) -> list[Tensor]:
+        """Outputs of trunk ``blocks`` (0-indexed, before the final norm) as B×C×h×w grids, in request order.
+
+        ``intensity`` multiplies the normalised tensor the trunk receives: the intensity test-time
+        augmentation of the authors' code, which scales its already-normalised input (method.md §7).
+        """
         depth = len(self.visual.trunk.blocks)
         wanted = sorted(set(blocks))
         if not wanted or wanted[0] < 0 or wanted[-1] >= depth:
             raise ValueError(f"CONCH blocks must be a non-empty selection of 0..{depth - 1}, got {tuple(blocks)}")
+        normalised = self._normalise(images)
         grids = self.visual.trunk.forward_intermediates(
-            self._normalise(images),
+            normalised if intensity == 1.0 else normalised * intensity,
             indices=wanted,
             norm=False,
             stop_early=True,

@@ -85,12 +85,15 @@ class ConStructModel(nn.Module):
             raise KeyError(_describe_mismatch(missing, unexpected, shapes))
         self.load_state_dict(state, strict=False)
 
-    def pyramid(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Frozen CONCH block features of the CAM levels, resized to their pyramid scales."""
+    def pyramid(self, images: torch.Tensor, intensity: float = 1.0) -> dict[int, torch.Tensor]:
+        """Frozen CONCH block features of the CAM levels, resized to their pyramid scales.
+
+        ``intensity`` multiplies CONCH's normalised input (see :meth:`ConchModel.block_features`).
+        """
         levels = sorted(self.adapters.keys(), key=int)
         blocks = tuple(self.feature_blocks[int(level)] for level in levels)
         with torch.no_grad():
-            grids = self.conch.block_features(images, blocks=blocks)
+            grids = self.conch.block_features(images, blocks=blocks, intensity=intensity)
         return {int(level): resize_level(grid.float(), self.level_scales[int(level)]) for level, grid in zip(levels, grids)}
 
     def level_cam(self, refined: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
@@ -99,8 +102,9 @@ class ConStructModel(nn.Module):
         sims = torch.einsum("bchw,kc->bkhw", features, F.normalize(projected, dim=-1))
         return self.prototypes.reduce_per_class(sims * self.cam_scale)
 
-    def forward(self, images: torch.Tensor) -> ConStructOutput:
-        refined = {level: self.adapters[str(level)](grid) for level, grid in self.pyramid(images).items()}
+    def forward(self, images: torch.Tensor, intensity: float = 1.0) -> ConStructOutput:
+        """One pass on B×3×H×W [0, 1] images; ``intensity`` ≠ 1 is intensity TTA (see :meth:`pyramid`)."""
+        refined = {level: self.adapters[str(level)](grid) for level, grid in self.pyramid(images, intensity).items()}
         projected = self.adaptive_layer(self.prototypes())
         level_cams = [self.level_cam(refined[level], projected) for level in self.cam_levels]
         level_logits = [cam.mean(dim=(2, 3)) for cam in level_cams]
