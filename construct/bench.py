@@ -23,9 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from construct.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "docs" / "benchmarks.md"
@@ -54,30 +57,51 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def training_objective(config: Config, model: torch.nn.Module, teacher: torch.nn.Module | None,
+                       device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The objective of ``config`` around ``model`` (teacher: None without L_struct) and AdamW on its trainable part."""
+    from construct.engine.objective import ConStructObjective
+
+    objective = ConStructObjective(model, teacher, config).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    return objective, optimizer
+
+
+def training_batch(batch_size: int, device: torch.device, image_size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and multi-hot labels with ~2 classes per tile, as in BCSS-WSSS."""
+    images = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    labels = (torch.rand(batch_size, 4, device=device) < 0.5).float()
+    labels[labels.sum(1) == 0, 0] = 1.0
+    return images, labels
+
+
+def training_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  labels: torch.Tensor, use_bf16: bool) -> dict[str, torch.Tensor]:
+    """One optimisation step as the trainer takes it (bf16 autocast on CUDA when asked); returns the losses."""
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        losses = objective(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return losses
+
+
 def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, Any]:
     from construct.engine.checkpoint import save_checkpoint
-    from construct.engine.objective import ConStructObjective
     from construct.models.build import build_model, build_teacher
 
     config = real_size_config(*VARIANTS[variant])
     torch.manual_seed(0)
     model = build_model(config, device)
     teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
-    objective = ConStructObjective(model, teacher, config).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
-    images = torch.rand(10, 3, 224, 224, device=device)
-    labels = (torch.rand(10, 4, device=device) < 0.5).float()  # ~2 classes per tile, as in BCSS-WSSS
-    labels[labels.sum(1) == 0, 0] = 1.0
+    objective, optimizer = training_objective(config, model, teacher, device)
+    images, labels = training_batch(10, device)
     use_bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = objective(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
+        training_step(objective, optimizer, images, labels, use_bf16)
 
     step()  # warm-up: allocator, kernels, memory bank
     synchronize(device)
