@@ -62,6 +62,8 @@ class DataConfig:
     """DataLoader worker processes (0 = load in the main process)."""
     synthetic: SyntheticConfig | None = None
     """When set, a synthetic dataset with these sizes is generated at ``root`` if missing."""
+    mpp: float = 0.25
+    """Resolution of the training tiles in µm/px (BCSS-WSSS: 0.25); whole slides are resampled to it."""
 
 
 @dataclass
@@ -173,6 +175,22 @@ class CrfConfig:
 
 
 @dataclass
+class SlideConfig:
+    """Whole-slide prediction (visualization_utils/predict_slide.py; generate_cam.py --input-dir)."""
+
+    window: int = 512
+    """Side (px at the model's resolution) of the windows the dense CRF refines one at a time; each CRF
+    worker holds about 340 bytes per pixel of (window + 2 * margin)^2, whatever the slide's size."""
+    margin: int = 48
+    """Context (px at the model's resolution) added on every side of a CRF window and cut off after,
+    so neighbouring windows meet without seams."""
+    tissue_mpp: float = 8.0
+    """Resolution (µm/px) of the thumbnail that tissue is detected on (coarser for slides over 4096 px there)."""
+    tissue_saturation: float = 0.07
+    """Minimum HSV saturation (0-1) of a tissue pixel on that thumbnail; glass is grey-white."""
+
+
+@dataclass
 class InferenceConfig:
     presence: Literal["predicted", "ground_truth"] = "predicted"
     """Class gating of the CAMs: sigmoid(logit) > presence_gate, or the oracle from the GT mask."""
@@ -194,6 +212,7 @@ class InferenceConfig:
     """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
     batch_size: int = 16
     """Images per forward pass at inference and validation."""
+    slide: SlideConfig = field(default_factory=SlideConfig)
 
 
 @dataclass
@@ -419,5 +438,16 @@ def validate(config: Config, source: str) -> None:
         fail("inference.tile_stride", f"must lie in 1..model.image_size ({model.image_size}) or tiles leave gaps")
     if config.inference.tta == "resize" and 1.0 not in config.inference.tta_factors:
         fail("inference.tta_factors", "must include 1.0 when inference.tta is 'resize' (CAMs are averaged on its grid)")
+    if not config.data.mpp > 0:
+        fail("data.mpp", f"must be a positive resolution in µm/px, got {config.data.mpp}")
+    slide = config.inference.slide
+    if slide.window < 1:
+        fail("inference.slide.window", f"must be at least 1, got {slide.window}")
+    if slide.margin < 0:
+        fail("inference.slide.margin", f"must be >= 0, got {slide.margin}")
+    if not slide.tissue_mpp > 0:
+        fail("inference.slide.tissue_mpp", f"must be a positive resolution in µm/px, got {slide.tissue_mpp}")
+    if not 0.0 < slide.tissue_saturation < 1.0:
+        fail("inference.slide.tissue_saturation", f"must lie in (0, 1), got {slide.tissue_saturation}")
     if config.data.val_split not in ("val", "valid", "test"):
         fail("data.val_split", f"must be val, valid or test, got '{config.data.val_split}'")

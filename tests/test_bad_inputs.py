@@ -23,6 +23,7 @@ from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
 from construct.data.synthetic import generate_dataset
+from construct.data.synthetic_slide import write_synthetic_slide
 from construct.engine.checkpoint import FORMAT
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
@@ -261,6 +262,44 @@ def cuda_device_without_cuda(tmp_path, request):
         pytest.skip("this machine has a CUDA device")
     argv = main_args(request.getfixturevalue("clean_data"), tmp_path / "run", flags=("--gpu", "0"))
     return argv, ["cuda:0 was requested", "no usable CUDA device", "--device cpu"]
+
+
+def slide_args(run_dir: Path, slide: Path, out_dir: Path) -> list[str | Path]:
+    return script_args("predict_slide", run_dir, slide, "--out-dir", out_dir, "--no-tta", "--no-crf")
+
+
+@row
+def slide_file_that_is_not_a_slide(tmp_path, request):
+    fake = tmp_path / "notes.svs"
+    fake.write_text("a text file with a slide's name")
+    argv = slide_args(request.getfixturevalue("trained_run"), fake, tmp_path / "out")
+    return argv, [str(fake), "not a slide OpenSlide can read"]
+
+
+@row
+def slide_without_resolution_and_no_mpp_flag(tmp_path, request):
+    slide = tmp_path / "no_mpp.tif"
+    write_synthetic_slide(slide, 600, 400, mpp=None)
+    argv = slide_args(request.getfixturevalue("trained_run"), slide, tmp_path / "out")
+    return argv, [str(slide), "does not state its resolution", "--mpp"]
+
+
+@row
+def slide_output_dir_not_writable(tmp_path, request):
+    slide = tmp_path / "slide.tif"
+    write_synthetic_slide(slide, 600, 400, mpp=0.5)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = slide_args(request.getfixturevalue("trained_run"), slide, blocker / "masks")
+    return argv, [str(blocker / "masks"), f"{blocker} is a file, not a folder"]
+
+
+@row
+def slide_without_tissue(tmp_path, request):
+    slide = tmp_path / "glass.tif"
+    write_synthetic_slide(slide, 600, 400, mpp=0.5, tissue=False)
+    argv = slide_args(request.getfixturevalue("trained_run"), slide, tmp_path / "out")
+    return argv, [str(slide), "no tissue found"]
 
 
 @pytest.mark.parametrize("name", list(ROWS))

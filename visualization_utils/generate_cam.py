@@ -14,14 +14,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from construct.cli import run_cli
 from construct.data.datasets import ImageFolderDataset
-from construct.data.io import write_image, write_mask
-from construct.inference.predictor import Prediction, to_uint8_images
+from construct.data.io import read_image, write_image, write_mask
+from construct.inference.predictor import Predictor, to_uint8_images
 from construct.inference.render import overlay
+from construct.inference.streaming import predict_region
 from visualization_utils.common import (
     add_inference_arguments,
     add_model_arguments,
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "label, giving the pseudo-masks a second-stage segmenter trains on; val/test: gated as "
                         "inference.presence says")
     source.add_argument("--input-dir", type=Path, metavar="DIR",
-                        help="folder of images of any size >= model.image_size (larger ones are tiled with stride "
-                        "inference.tile_stride); gated with predicted presence")
+                        help="folder of images of any size >= model.image_size, streamed like a whole slide: tiles "
+                        "every inference.tile_stride px, each gated with its own predicted presence, and the CRF in "
+                        "inference.slide.window windows, so memory beyond the image and its mask does not grow with its area")
     parser.add_argument("--out-dir", type=Path, metavar="D",
                         help="output folder (default: <checkpoint dir>/<split>_cams or <checkpoint dir>/<input-dir name>_cams)")
     parser.add_argument("--save-cam", action="store_true",
@@ -59,40 +61,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def save_outputs(out_dir: Path, name: str, image: np.ndarray, prediction: Prediction, save_cam: bool,
+def save_outputs(out_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, cams: np.ndarray | None,
                  save_overlay: bool) -> None:
-    write_mask(out_dir / f"{name}.png", prediction.mask)
-    if save_cam:
+    write_mask(out_dir / f"{name}.png", mask)
+    if cams is not None:
         with atomic_output(out_dir / "cam" / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
-            np.save(handle, prediction.cams.astype(np.float16))
+            np.save(handle, cams.astype(np.float16))
     if save_overlay:
-        write_image(out_dir / "overlay" / f"{name}.png", overlay(image, prediction.mask))
+        write_image(out_dir / "overlay" / f"{name}.png", overlay(image, mask))
+
+
+def predict_split(predictor: Predictor, dataset: Dataset, protocol: str, num_workers: int, out_dir: Path,
+                  args: argparse.Namespace, progress: tqdm) -> None:
+    """Tile-sized split images, in batches."""
+    loader = DataLoader(dataset, batch_size=predictor.config.inference.batch_size, num_workers=num_workers)
+    for batch in loader:
+        predictions = predictor.predict_batch(batch["image"], presence_of(batch), protocol, batch["name"])
+        for name, image, prediction in zip(batch["name"], to_uint8_images(batch["image"]), predictions):
+            save_outputs(out_dir, name, image, prediction.mask, prediction.cams if args.save_cam else None, args.overlay)
+        progress.update(len(predictions))
+
+
+def predict_folder(predictor: Predictor, paths: list[Path], out_dir: Path, args: argparse.Namespace,
+                   progress: tqdm) -> None:
+    """Images of any size, one at a time through the streaming (whole-slide) path."""
+    for path in paths:
+        image = read_image(path)
+        mask, cams = predict_region(predictor, image, path.stem, keep_cams=args.save_cam)
+        save_outputs(out_dir, path.stem, image, mask, cams, args.overlay)
+        progress.update(1)
 
 
 def main(args: argparse.Namespace) -> None:
     config, model, device = load(args)
     if args.input_dir is not None:
-        # Images may differ in size, so they go one at a time (each is tiled in batches).
-        dataset, protocol, batch_size = ImageFolderDataset(args.input_dir), "predicted", 1
-        source = args.input_dir.name
+        paths, protocol, source = ImageFolderDataset(args.input_dir).paths[:args.max_images], "predicted", args.input_dir.name
+        count = len(paths)
     else:
-        (dataset, protocol), batch_size = split_dataset(config, args.split), config.inference.batch_size
-        source = args.split
-    dataset = first(dataset, args.max_images)
+        (dataset, protocol), source = split_dataset(config, args.split), args.split
+        dataset = first(dataset, args.max_images)
+        count = len(dataset)
     out_dir = args.out_dir or args.checkpoint.parent / f"{source}_cams"
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers)
     with make_predictor(args, config, model, device) as predictor, \
-            tqdm(total=len(dataset), desc=f"masks for {source}", unit="img", dynamic_ncols=True) as progress:
-        for batch in loader:
-            predictions = predictor.predict_batch(batch["image"], presence_of(batch), protocol, batch["name"])
-            for name, image, prediction in zip(batch["name"], to_uint8_images(batch["image"]), predictions):
-                save_outputs(out_dir, name, image, prediction, args.save_cam, args.overlay)
-            progress.update(len(predictions))
+            tqdm(total=count, desc=f"masks for {source}", unit="img", dynamic_ncols=True) as progress:
+        if args.input_dir is not None:
+            predict_folder(predictor, paths, out_dir, args, progress)
+        else:
+            predict_split(predictor, dataset, protocol, config.data.num_workers, out_dir, args, progress)
     info = {"source": str(args.input_dir or args.split), "protocol": protocol, "checkpoint": str(args.checkpoint),
-            "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": len(dataset)}
+            "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": count}
     with atomic_output(out_dir / "generate_cam.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {len(dataset)} masks (presence protocol '{protocol}') to {out_dir}")
+    print(f"wrote {count} masks (presence protocol '{protocol}') to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""Tiled, pyramidal TIFF of class indices, written band by band in bounded memory.
+
+The file holds one 8-bit palette image per pyramid level (level 0 first, then each level at half
+the previous size, marked as reduced-resolution pages), 256-px tiles, deflate compression and the
+resolution in pixels per centimetre. OpenSlide ("generic-tiff"), QuPath and tifffile open it as a
+pyramid; the palette makes viewers show the class colours while the pixels stay class indices.
+
+Level 0 goes straight into the file as bands arrive. Each coarser level takes every 2^k-th row
+and column (nearest neighbour: class indices must not be blended) and is spooled to a raw file
+in ``scratch`` until level 0 is complete, then copied in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from construct.constants import ALL_CLASS_NAMES, PALETTE
+
+TILE = 256
+_BIGTIFF_ABOVE = 2**31  # bytes of level 0; classic TIFF offsets end at 4 GiB, compressed or not
+
+
+def colormap() -> np.ndarray:
+    """3×256 uint16 TIFF colour map: the project palette for the class indices, black for the rest."""
+    table = np.zeros((3, 256), np.uint16)
+    for index, rgb in enumerate(PALETTE):
+        table[:, index] = [channel * 257 for channel in rgb]
+    return table
+
+
+def pyramid_sizes(width: int, height: int) -> list[tuple[int, int]]:
+    """(width, height) of every level: halve until a level fits in one tile."""
+    sizes = [(width, height)]
+    while sizes[-1][0] > TILE or sizes[-1][1] > TILE:
+        factor = 2 ** len(sizes)
+        sizes.append((math.ceil(width / factor), math.ceil(height / factor)))
+    return sizes
+
+
+class MaskTiffWriter:
+    """Writes the ``size`` (w, h) mask at ``mpp`` µm/px to ``path``, from bands given top to bottom."""
+
+    def __init__(self, path: Path, size: tuple[int, int], mpp: float, scratch: Path) -> None:
+        self.path = path
+        self.size = size
+        self.mpp = mpp
+        self.sizes = pyramid_sizes(*size)
+        self.scratch = scratch
+        self.description = "ConStruct class mask: " + " ".join(f"{i}={name}" for i, name in enumerate(ALL_CLASS_NAMES))
+
+    def _page_options(self, level: int) -> dict:
+        factor = 2**level
+        pixels_per_cm = 1e4 / (self.mpp * factor)
+        options = dict(photometric="palette", colormap=colormap(), tile=(TILE, TILE), compression="zlib",
+                       resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER", metadata=None)
+        if level == 0:
+            options["description"] = self.description
+        else:
+            options["subfiletype"] = 1  # reduced-resolution version of level 0
+        return options
+
+    def write(self, bands: Iterable[tuple[int, np.ndarray]]) -> None:
+        """Consume (top row, rows × width uint8) bands covering the mask from row 0 down, and write the file."""
+        width, height = self.size
+        spools = [self.scratch / f"level{level}.raw" for level in range(1, len(self.sizes))]
+        handles = [open(path, "wb") for path in spools]
+        try:
+            bigtiff = width * height > _BIGTIFF_ABOVE
+            with tifffile.TiffWriter(self.path, bigtiff=bigtiff) as tif:
+                tif.write(self._level0_tiles(bands, handles), shape=(height, width), dtype=np.uint8,
+                          **self._page_options(0))
+                for handle in handles:
+                    handle.close()
+                for level, spool in enumerate(spools, start=1):
+                    level_w, level_h = self.sizes[level]
+                    tif.write(_raw_tiles(spool, level_w, level_h), shape=(level_h, level_w), dtype=np.uint8,
+                              **self._page_options(level))
+        finally:
+            for handle in handles:
+                handle.close()
+            for spool in spools:
+                spool.unlink(missing_ok=True)
+
+    def _level0_tiles(self, bands: Iterable[tuple[int, np.ndarray]], handles: list) -> Iterator[np.ndarray]:
+        width, height = self.size
+        pending = np.zeros((0, width), np.uint8)  # rows received but not yet a full tile row
+        expected_top = 0
+        for top, rows in bands:
+            if top != expected_top or rows.shape[1] != width:
+                raise ValueError(f"band at row {top} ({rows.shape}) does not continue the mask at row {expected_top}")
+            for level, handle in enumerate(handles, start=1):
+                factor = 2**level
+                handle.write(np.ascontiguousarray(rows[(-top) % factor::factor, ::factor]).tobytes())
+            expected_top += rows.shape[0]
+            pending = np.concatenate([pending, rows]) if pending.size else rows
+            while pending.shape[0] >= TILE:
+                yield from _row_of_tiles(pending[:TILE])
+                pending = pending[TILE:]
+        if expected_top != height:
+            raise ValueError(f"bands ended at row {expected_top} of {height}")
+        if pending.shape[0]:
+            yield from _row_of_tiles(pending)
+
+
+def _row_of_tiles(rows: np.ndarray) -> Iterator[np.ndarray]:
+    """TILE×TILE tiles of up to TILE rows (zero-padded at the right and bottom edges)."""
+    for x in range(0, rows.shape[1], TILE):
+        tile = np.zeros((TILE, TILE), np.uint8)
+        piece = rows[:, x:x + TILE]
+        tile[:piece.shape[0], :piece.shape[1]] = piece
+        yield tile
+
+
+def _raw_tiles(path: Path, width: int, height: int) -> Iterator[np.ndarray]:
+    with open(path, "rb") as handle:
+        for top in range(0, height, TILE):
+            count = min(TILE, height - top) * width
+            rows = np.frombuffer(handle.read(count), np.uint8)
+            if rows.size != count:
+                raise ValueError(f"{path}: spooled level ends early at row {top}")
+            yield from _row_of_tiles(rows.reshape(-1, width))
+
+
+def read_level(path: Path, level: int) -> np.ndarray:
+    """One pyramid level of a mask TIFF written here, as an H×W uint8 array."""
+    with tifffile.TiffFile(path) as tif:
+        return tif.series[0].levels[level].asarray()

@@ -1,0 +1,161 @@
+"""Region readers for whole slides (OpenSlide) and in-memory images, resampled on request.
+
+Both readers answer the same question: "the RGB pixels of this level-0 box, resampled to
+``width × height``", so the streaming predictor can ask for tiles and CRF windows at the model's
+resolution without caring where they come from. Outside the image, slides read as white glass;
+in-memory regions (cut from tissue) are mirrored at their borders instead.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from construct.errors import DataError
+
+WHITE = 255
+
+
+class RegionReader(Protocol):
+    """What the streaming predictor reads from: a level-0 pixel grid and its resolution."""
+
+    name: str
+    size: tuple[int, int]
+    """Level-0 (width, height) in pixels."""
+    mpp: float | None
+    """Level-0 microns per pixel; None when unknown."""
+
+    def read(self, x: float, y: float, width: int, height: int, downsample: float) -> np.ndarray:
+        """H×W×3 uint8: the level-0 box at (x, y) of ``width·downsample × height·downsample`` px,
+        resampled to ``width × height``."""
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole image as H×W×3 uint8, at most ``max_side`` px on its longer side."""
+
+    def close(self) -> None:
+        """Release the file."""
+
+
+class ArrayReader:
+    """An H×W×3 uint8 image held in memory (a PNG region). Reads are at level 0 only (downsample 1)."""
+
+    def __init__(self, image: np.ndarray, name: str = "image", mpp: float | None = None) -> None:
+        self.image = image
+        self.name = name
+        self.size = (image.shape[1], image.shape[0])
+        self.mpp = mpp
+
+    def read(self, x: float, y: float, width: int, height: int, downsample: float) -> np.ndarray:
+        if downsample != 1.0 or x != int(x) or y != int(y):
+            raise ValueError(f"{self.name}: in-memory images are read at whole pixels and downsample 1, "
+                             f"got ({x}, {y}) at {downsample}")
+        x, y = int(x), int(y)
+        image_h, image_w = self.image.shape[:2]
+        # Border pixels repeat mirrored (a region's edge cuts through tissue; glass would be a lie).
+        rows = _mirror(np.arange(y, y + height), image_h)
+        cols = _mirror(np.arange(x, x + width), image_w)
+        if rows[0] == y and rows[-1] == y + height - 1 and cols[0] == x and cols[-1] == x + width - 1:
+            return self.image[y:y + height, x:x + width]
+        return self.image[np.ix_(rows, cols)]
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        image = Image.fromarray(self.image)
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        return np.asarray(image)
+
+    def close(self) -> None:
+        pass
+
+
+def _mirror(index: np.ndarray, length: int) -> np.ndarray:
+    """Indices reflected into 0..length-1 (edge pixel not repeated), for any overshoot."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    index = np.abs(index) % period
+    return np.where(index >= length, period - index, index)
+
+
+class OpenSlideReader:
+    """A whole-slide file read through OpenSlide, with the resolution from its properties or ``mpp``.
+
+    ``mpp`` is used only when the file does not state ``openslide.mpp-x``; :attr:`mpp_source`
+    says which applied. A file OpenSlide cannot open, or one without a resolution and no ``mpp``,
+    raises DataError.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        import openslide  # imported here: only slide commands need the native library
+
+        self.path = Path(path)
+        self.name = self.path.stem
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: file not found")
+        try:
+            self.slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideError as exc:
+            raise DataError(f"{self.path}: not a slide OpenSlide can read ({exc}); expected a whole-slide file "
+                            "such as .svs, .ndpi, .mrxs, .scn or a tiled pyramidal .tif") from None
+        self.size = self.slide.dimensions
+        self.vendor = self.slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+        stated = _stated_mpp(self.slide.properties, openslide)
+        if stated is None and mpp is None:
+            self.slide.close()
+            raise DataError(f"{self.path}: the slide does not state its resolution (no {openslide.PROPERTY_NAME_MPP_X} "
+                            "property); pass --mpp MICRONS_PER_PIXEL")
+        self.mpp = stated if stated is not None else mpp
+        self.mpp_source = "slide properties" if stated is not None else "--mpp"
+
+    def read(self, x: float, y: float, width: int, height: int, downsample: float) -> np.ndarray:
+        level = self.slide.get_best_level_for_downsample(downsample)
+        level_downsample = self.slide.level_downsamples[level]
+        # The requested box in this level's pixels, then a whole-pixel box around it (1 px spare for the filter).
+        box = (x / level_downsample, y / level_downsample, (x + width * downsample) / level_downsample,
+               (y + height * downsample) / level_downsample)
+        left, top = math.floor(box[0]) - 1, math.floor(box[1]) - 1
+        right, bottom = math.ceil(box[2]) + 1, math.ceil(box[3]) + 1
+        region = self.slide.read_region((round(left * level_downsample), round(top * level_downsample)), level,
+                                        (right - left, bottom - top))
+        rgb = _on_white(region)
+        inner = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+        if inner[2] - inner[0] == width and inner[3] - inner[1] == height and float(inner[0]).is_integer() \
+                and float(inner[1]).is_integer():
+            return np.array(rgb)[int(inner[1]):int(inner[1]) + height, int(inner[0]):int(inner[0]) + width]
+        return np.array(rgb.resize((width, height), Image.Resampling.BILINEAR, box=inner))
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        return np.asarray(_on_white(self.slide.get_thumbnail((max_side, max_side)).convert("RGBA")))
+
+    def close(self) -> None:
+        self.slide.close()
+
+    def __enter__(self) -> OpenSlideReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _stated_mpp(properties: dict, openslide_module: object) -> float | None:
+    """The slide's microns per pixel (mean of x and y) when stated and positive."""
+    values = []
+    for key in (openslide_module.PROPERTY_NAME_MPP_X, openslide_module.PROPERTY_NAME_MPP_Y):
+        try:
+            value = float(properties[key])
+        except (KeyError, ValueError):
+            return None
+        if not math.isfinite(value) or value <= 0:
+            return None
+        values.append(value)
+    return sum(values) / 2
+
+
+def _on_white(region: Image.Image) -> Image.Image:
+    """RGBA (transparent outside the scanned area) composited onto white glass, as RGB."""
+    background = Image.new("RGB", region.size, (WHITE, WHITE, WHITE))
+    background.paste(region, mask=region.getchannel("A"))
+    return background

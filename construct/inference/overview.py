@@ -1,0 +1,54 @@
+"""One-picture summary of a predicted slide: thumbnail, mask overlay, and a legend with class shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from construct.constants import ALL_CLASS_NAMES, PALETTE
+from construct.inference.render import overlay
+
+_GAP = 12
+_FONT_SIZE = 16
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans from matplotlib (a requirement; it has µ and ²), else Pillow's built-in font."""
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.__file__).parent / "mpl-data/fonts/ttf/DejaVuSans.ttf"), _FONT_SIZE)
+    except (ImportError, OSError):
+        return ImageFont.load_default(_FONT_SIZE)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Class indices resized to ``size`` (w, h) by nearest neighbour."""
+    return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+
+
+def draw_overview(thumbnail: np.ndarray, mask: np.ndarray, shares: Sequence[float | None], title: str) -> np.ndarray:
+    """H×W×3 uint8: ``title``, the thumbnail and its mask overlay side by side, and a legend.
+
+    ``mask`` is any resolution of the slide's mask (resized to the thumbnail); ``shares`` gives
+    each class's share of the tissue (TUM, STR, LYM, NEC, BACK), None where it is not known.
+    """
+    height, width = thumbnail.shape[:2]
+    mask = resize_mask(mask, (width, height))
+    font = _font()
+    line = _FONT_SIZE + 8
+    canvas = Image.new("RGB", (2 * width + 3 * _GAP, height + 2 * line + 3 * _GAP), "white")
+    canvas.paste(Image.fromarray(thumbnail), (_GAP, line + _GAP))
+    canvas.paste(Image.fromarray(overlay(thumbnail, mask)), (2 * _GAP + width, line + _GAP))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_GAP, _GAP // 2), title, fill="black", font=font)
+    x, y = _GAP, height + line + 2 * _GAP
+    for name, colour, share in zip(ALL_CLASS_NAMES, PALETTE, shares):
+        draw.rectangle((x, y + 2, x + _FONT_SIZE, y + 2 + _FONT_SIZE), fill=tuple(colour), outline="black")
+        label = name if share is None else f"{name} {100 * share:.1f}%"
+        draw.text((x + _FONT_SIZE + 6, y), label, fill="black", font=font)
+        x += _FONT_SIZE + 6 + int(draw.textlength(label, font=font)) + 2 * _GAP
+    return np.asarray(canvas)

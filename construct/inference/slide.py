@@ -1,0 +1,126 @@
+"""Whole-slide prediction to files: pyramidal mask TIFF, overview PNG, and a JSON of tissue areas.
+
+:func:`open_slide` checks a slide up front (OpenSlide can read it, its resolution is known, it
+holds tissue) so that bad inputs fail before the model loads; :func:`predict_slide` streams the
+prediction (:mod:`construct.inference.streaming`) into the TIFF and writes the summaries. Every
+file is written inside a hidden scratch folder in the output folder and renamed into place only
+when all of them are complete (the JSON last), so a failed or interrupted run leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from construct.config import Config
+from construct.constants import ALL_CLASS_NAMES
+from construct.data.io import write_image
+from construct.data.mask_tiff import MaskTiffWriter, read_level
+from construct.data.slide_reader import OpenSlideReader
+from construct.errors import DataError
+from construct.inference.overview import draw_overview
+from construct.inference.predictor import Predictor
+from construct.inference.streaming import StreamingPredictor, stream_settings
+from construct.inference.tissue import MAX_THUMBNAIL_SIDE, TissueMask, detect_tissue
+
+OVERVIEW_SIDE = 1024
+"""Longer side (px) of each panel of the overview PNG."""
+
+
+@dataclass
+class SlideOutputs:
+    mask: Path
+    overview: Path
+    areas: Path
+
+    @classmethod
+    def for_slide(cls, out_dir: Path, name: str) -> SlideOutputs:
+        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_overview.png", out_dir / f"{name}_areas.json")
+
+
+@dataclass
+class OpenedSlide:
+    """A readable slide with a known resolution and its tissue mask."""
+
+    reader: OpenSlideReader
+    tissue: TissueMask
+
+
+def open_slide(path: Path, config: Config, mpp: float | None = None) -> OpenedSlide:
+    """Open ``path`` and find its tissue; DataError when it is no slide, has no resolution or no tissue."""
+    reader = OpenSlideReader(path, mpp)
+    try:
+        width, height = reader.size
+        side = math.ceil(max(width, height) * reader.mpp / config.inference.slide.tissue_mpp)
+        thumbnail = reader.thumbnail(max(1, min(side, MAX_THUMBNAIL_SIDE)))
+        mask = detect_tissue(thumbnail, config.inference.slide.tissue_saturation)
+        if not mask.any():
+            raise DataError(f"{path}: no tissue found (no thumbnail pixel reaches saturation "
+                            f"{config.inference.slide.tissue_saturation}, inference.slide.tissue_saturation)")
+    except BaseException:
+        reader.close()
+        raise
+    return OpenedSlide(reader, TissueMask(mask, reader.size))
+
+
+def area_report(class_pixels: np.ndarray, mpp: float) -> dict[str, Any]:
+    """Tissue area and each class's area (mm²) and share of it; the class areas add up to the tissue area."""
+    mm2_per_pixel = (mpp / 1000.0) ** 2
+    tissue = int(class_pixels.sum())
+    return {
+        "tissue_mm2": tissue * mm2_per_pixel,
+        "areas_mm2": {name: int(count) * mm2_per_pixel for name, count in zip(ALL_CLASS_NAMES, class_pixels)},
+        "fractions": {name: (int(count) / tissue if tissue else 0.0) for name, count in zip(ALL_CLASS_NAMES, class_pixels)},
+    }
+
+
+def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Predict ``slide`` into :class:`SlideOutputs` in ``out_dir``; returns what the JSON holds."""
+    started = time.perf_counter()
+    reader = slide.reader
+    config = predictor.config
+    outputs = SlideOutputs.for_slide(out_dir, reader.name)
+    if reader.path.resolve() in {p.resolve() for p in (outputs.mask, outputs.overview, outputs.areas)}:
+        raise DataError(f"{reader.path}: the output would overwrite the slide; choose another --out-dir")
+    stream = StreamingPredictor(predictor, reader, stream_settings(config, config.data.mpp / reader.mpp),
+                                slide.tissue, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{reader.name}.") as scratch:
+        scratch = Path(scratch)
+        staged = SlideOutputs.for_slide(scratch, reader.name)
+        writer = MaskTiffWriter(staged.mask, reader.size, reader.mpp, scratch)
+        writer.write((band.top, band.mask) for band in stream.bands())
+        report = {
+            "slide": str(reader.path), "vendor": reader.vendor, "size_px": list(reader.size), "mpp": reader.mpp,
+            "mpp_source": reader.mpp_source, "model_mpp": config.data.mpp, "mask": outputs.mask.name,
+            "mask_levels": len(writer.sizes), "overview": outputs.overview.name,
+            "class_indices": {name: index for index, name in enumerate(ALL_CLASS_NAMES)},
+            **area_report(stream.stats.class_pixels, reader.mpp),
+            "tiles": stream.stats.tiles, "crf": predictor.uses_crf,
+        }
+        thumbnail = reader.thumbnail(OVERVIEW_SIDE)
+        level = _overview_level(writer.sizes, thumbnail.shape[1], thumbnail.shape[0])
+        title = f"{reader.path.name}: {report['tissue_mm2']:.2f} mm² tissue at {reader.mpp:.3f} µm/px"
+        shares = [report["fractions"][name] for name in ALL_CLASS_NAMES]
+        write_image(staged.overview, draw_overview(thumbnail, read_level(staged.mask, level), shares, title))
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        staged.areas.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name in ("mask", "overview", "areas"):  # the JSON last: it marks a complete result
+            os.replace(getattr(staged, name), getattr(outputs, name))
+    return report
+
+
+def _overview_level(sizes: list[tuple[int, int]], width: int, height: int) -> int:
+    """The coarsest pyramid level still at least as large as the thumbnail."""
+    return max(i for i, (w, h) in enumerate(sizes) if i == 0 or (w >= width and h >= height))
