@@ -63,7 +63,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, device) -> dict[s
                                  description=f"test {variant} seed {seed}")
     return {
         "variant": variant, "seed": seed, "best_val_miou": result.best_miou, "best_iteration": result.best_iteration,
-        "test": {p: {"miou": m.miou, "mdice": m.mdice} for p, m in metrics.items()},
+        "test": {p: {"miou": m.miou, "mdice": m.mdice} for p, m in metrics.items()}, "tta": predictor.tta.describe(),
         "curve": validation_curve(Path(config.work_dir)), "seconds": time.time() - started,
     }
 
@@ -77,7 +77,7 @@ def mean_std(values: list[float]) -> str:
 def write_table(runs: list[dict[str, Any]], path: Path, command: str) -> None:
     head = "| variant | seed | best val mIoU (iter) | test mIoU pred. | test mDice pred. | test mIoU GT-gated | test mDice GT-gated |"
     lines = ["# Ablation", "", f"Command: `{command}`", "",
-             "Test metrics with TTA and dense CRF; 'pred.' = predicted class presence (honest), "
+             f"Test metrics with {runs[0]['tta']} and dense CRF; 'pred.' = predicted class presence (honest), "
              "'GT-gated' = presence from the ground-truth mask (oracle, as the paper reports).", "",
              head, "|---|---|---|---|---|---|---|"]
     for run in runs:

@@ -110,8 +110,8 @@ class TtaSettings:
         """One line for printed summaries, e.g. ``TTA intensity ×[0.9, 1.0, 1.1] + flip (6 passes)``."""
         if self.mode == "off":
             return "TTA off"
-        return (f"TTA {self.mode} ×{list(self.factors)}{' + flip' if self.flip else ''} "
-                f"({self.forward_passes} passes)")
+        passes = self.forward_passes
+        return f"TTA {self.mode} ×{list(self.factors)}{' + flip' if self.flip else ''} ({passes} pass{'es' * (passes != 1)})"
 
     def forward(self, model: ConStructModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CAMs (B×C×h×w, the CAM grid of ``images``) and logits (B×C), as float32."""
