@@ -55,9 +55,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     """A section for docs/benchmarks.md: what ran, the numbers, and every failure in words."""
     parts = report.get("parts", {})
     env = parts.get("environment", {})
-    kind = "dry run on the CPU (tiny towers; not a measurement)" if report.get("dry_run") else "bf16 autocast"
+    kind = "dry run on the CPU, tiny towers: not a measurement" if report.get("dry_run") else "bf16 autocast"
     intro = (f"Measured {report.get('date', '?')} with `{report.get('command')}` ({report.get('total_s', 0):.0f} s "
-             f"in all). Machine: {env.get('machine', '?')}; Python {env.get('python')}, torch {env.get('torch')}.")
+             f"in all). Machine: {env.get('machine', '?')}; Python {env.get('python')}.")
     if not report.get("dry_run"):
         intro += (f" GPU memory {env.get('gpu_memory_gib', 0):.1f} GiB, driver {env.get('driver')}, CUDA {env.get('cuda')}, "
                   f"cuDNN {env.get('cudnn')}, NCCL {env.get('nccl')}; {env.get('usable_cpus')} usable CPU cores "
@@ -99,8 +99,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if run.get("iterations"):
         lines += [
             f"`main.py` on {run.get('train_tiles')} synthetic tiles: {run['iterations']} iterations at batch "
-            f"{run.get('batch')} with {run.get('num_workers')} loader workers and pinned memory "
-            f"({'yes' if run.get('pin_memory') else 'no'}): "
+            f"{run.get('batch')}, {run.get('num_workers')} loader workers, pinned memory "
+            f"{'on' if run.get('pin_memory') else 'off'}: "
             + (f"{1 / run['steady_seconds_per_iteration']:.2f} it/s steady "
                f"({run.get('batch', 0) / run['steady_seconds_per_iteration']:.1f} images/s); "
                if run.get("steady_seconds_per_iteration") else "")
@@ -120,7 +120,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if evaluation.get("settings"):
         lines += [
             f"Evaluation on {evaluation.get('tiles')} synthetic test tiles (batch {evaluation.get('batch')}, "
-            f"{evaluation.get('loader_workers')} loader workers, TTA {evaluation.get('tta')}, "
+            f"{evaluation.get('loader_workers')} loader workers, TTA "
+            f"{', '.join(f'{k}={v}' for k, v in evaluation.get('tta', {}).items())}, "
             f"CRF {evaluation.get('crf_iterations')} iterations); seconds summed over the measured images:",
             "",
             "| setting | images / s | network | post-processing + CRF | loader wait | warm-up |",
