@@ -18,7 +18,8 @@ import torch
 
 from construct.bench import VARIANTS
 from construct.gpu_check.runner import Check, PartError, run_logged
-from construct.gpu_check.training import largest_batch
+from construct.gpu_check.plan import check_config
+from construct.gpu_check.training import largest_batch, search_priority
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -103,6 +104,15 @@ def test_largest_batch_goes_down_and_respects_the_upper_end() -> None:
     best, probes = largest_batch(lambda b: 100 + b, 8192.0, {2: 102.0}, max_batch=4)
     assert best == 4 and set(probes) == {2, 4}
     assert largest_batch(lambda b: 1e6, 8192.0, {}, max_batch=8)[0] is None
+
+
+def test_searches_start_with_the_default_objective_and_end_with_cls_alone() -> None:
+    order = sorted(VARIANTS, key=lambda name: search_priority(name, dry_run=True))
+    default = [name for name, overrides in VARIANTS.items() if not overrides]
+    assert order[:1] == default[:1]
+    losses = {name: check_config(True, *VARIANTS[name]).loss for name in VARIANTS}
+    cls_only = [name for name in order if losses[name].struct_weight == 0 and losses[name].sim_weight == 0]
+    assert cls_only and order[-len(cls_only):] == cls_only
 
 
 def test_without_cuda_the_check_is_a_one_line_error(tmp_path) -> None:
