@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder (default: <checkpoint dir>/<split>_cams or <checkpoint dir>/<input-dir name>_cams)")
     parser.add_argument("--save-cam", action="store_true",
                         help="also write cam/<name>.npy: the normalised, presence-gated CAMs the mask was computed "
-                        "from (float16, 4 x H x W in TUM, STR, LYM, NEC order, values 0-1)")
+                        "from (float16, 4 x H x W in TUM, STR, LYM, NEC order, values 0-1; with --input-dir, gated and "
+                        "normalised per tile and averaged where tiles overlap)")
     parser.add_argument("--overlay", action="store_true",
                         help="also write overlay/<name>.png: the image blended with the palette colours of its mask")
     add_inference_arguments(parser)

@@ -15,8 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 from tqdm import tqdm
 
 from construct.cli import run_cli
-from construct.inference.slide import SlideOutputs, open_slide, predict_slide
-from visualization_utils.common import add_inference_arguments, add_model_arguments, load, load_settings, make_predictor
+from construct.inference.slide import OVERVIEW_SIDE, SlideOutputs, open_slide, predict_slide
+from visualization_utils.common import (
+    add_inference_arguments,
+    add_model_arguments,
+    load,
+    load_settings,
+    make_predictor,
+    positive_int,
+)
 
 
 def positive_float(text: str) -> float:
@@ -47,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a slide's own openslide.mpp-x always wins")
     parser.add_argument("--out-dir", type=Path, metavar="D",
                         help="output folder (default: <checkpoint dir>/slides)")
+    parser.add_argument("--overview-side", type=positive_int, default=OVERVIEW_SIDE, metavar="PX",
+                        help=f"longer side of the thumbnail and of the overlay in <name>_overview.png (default {OVERVIEW_SIDE})")
     add_inference_arguments(parser)
     return parser
 
@@ -66,7 +75,8 @@ def main(args: argparse.Namespace) -> None:
             with slide.reader, tqdm(total=round(width * height / 1e6, 1), unit="MP", desc=path.name,
                                     dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total} MP "
                                     "[{elapsed}<{remaining}]") as bar:
-                report = predict_slide(slide, predictor, out_dir, progress=lambda pixels: bar.update(pixels / 1e6))
+                report = predict_slide(slide, predictor, out_dir, progress=lambda pixels: bar.update(pixels / 1e6),
+                                       overview_side=args.overview_side)
             outputs = SlideOutputs.for_slide(out_dir, slide.reader.name)
             shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in report["fractions"].items())
             print(f"{path.name}: {report['tissue_mm2']:.2f} mm² tissue ({shares}); wrote {outputs.mask.name}, "

@@ -40,15 +40,25 @@ def draw_overview(thumbnail: np.ndarray, mask: np.ndarray, shares: Sequence[floa
     mask = resize_mask(mask, (width, height))
     font = _font()
     line = _FONT_SIZE + 8
-    canvas = Image.new("RGB", (2 * width + 3 * _GAP, height + 2 * line + 3 * _GAP), "white")
+    labels = [name if share is None else f"{name} {100 * share:.1f}%" for name, share in zip(ALL_CLASS_NAMES, shares)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [_FONT_SIZE + 6 + int(measure.textlength(label, font=font)) + 2 * _GAP for label in labels]
+    total_width = 2 * width + 3 * _GAP
+    rows, used = 1, _GAP
+    for item in widths:  # wrap the legend where it would leave the picture
+        if used + item > total_width and used > _GAP:
+            rows, used = rows + 1, _GAP
+        used += item
+    canvas = Image.new("RGB", (total_width, height + (1 + rows) * line + 3 * _GAP), "white")
     canvas.paste(Image.fromarray(thumbnail), (_GAP, line + _GAP))
     canvas.paste(Image.fromarray(overlay(thumbnail, mask)), (2 * _GAP + width, line + _GAP))
     draw = ImageDraw.Draw(canvas)
     draw.text((_GAP, _GAP // 2), title, fill="black", font=font)
     x, y = _GAP, height + line + 2 * _GAP
-    for name, colour, share in zip(ALL_CLASS_NAMES, PALETTE, shares):
+    for colour, label, item in zip(PALETTE, labels, widths):
+        if x + item > total_width and x > _GAP:
+            x, y = _GAP, y + line
         draw.rectangle((x, y + 2, x + _FONT_SIZE, y + 2 + _FONT_SIZE), fill=tuple(colour), outline="black")
-        label = name if share is None else f"{name} {100 * share:.1f}%"
         draw.text((x + _FONT_SIZE + 6, y), label, fill="black", font=font)
-        x += _FONT_SIZE + 6 + int(draw.textlength(label, font=font)) + 2 * _GAP
+        x += item
     return np.asarray(canvas)

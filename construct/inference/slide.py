@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from construct.config import Config
 from construct.constants import ALL_CLASS_NAMES
-from construct.data.io import write_image
 from construct.data.mask_tiff import MaskTiffWriter, read_level
 from construct.data.slide_reader import OpenSlideReader
 from construct.errors import DataError
@@ -34,7 +34,7 @@ from construct.inference.streaming import StreamingPredictor, stream_settings
 from construct.inference.tissue import MAX_THUMBNAIL_SIDE, TissueMask, detect_tissue
 
 OVERVIEW_SIDE = 1024
-"""Longer side (px) of each panel of the overview PNG."""
+"""Default longer side (px) of each panel of the overview PNG."""
 
 
 @dataclass
@@ -85,8 +85,12 @@ def area_report(class_pixels: np.ndarray, mpp: float) -> dict[str, Any]:
 
 
 def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Predict ``slide`` into :class:`SlideOutputs` in ``out_dir``; returns what the JSON holds."""
+                  progress: Callable[[int], None] | None = None, overview_side: int = OVERVIEW_SIDE) -> dict[str, Any]:
+    """Predict ``slide`` into :class:`SlideOutputs` in ``out_dir``; returns what the JSON holds.
+
+    ``progress`` is called with the output pixels of each finished window; ``overview_side`` is the
+    longer side of each panel of the overview PNG.
+    """
     started = time.perf_counter()
     reader = slide.reader
     config = predictor.config
@@ -109,11 +113,12 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
             **area_report(stream.stats.class_pixels, reader.mpp),
             "tiles": stream.stats.tiles, "crf": predictor.uses_crf,
         }
-        thumbnail = reader.thumbnail(OVERVIEW_SIDE)
+        thumbnail = reader.thumbnail(overview_side)
         level = _overview_level(writer.sizes, thumbnail.shape[1], thumbnail.shape[0])
         title = f"{reader.path.name}: {report['tissue_mm2']:.2f} mm² tissue at {reader.mpp:.3f} µm/px"
         shares = [report["fractions"][name] for name in ALL_CLASS_NAMES]
-        write_image(staged.overview, draw_overview(thumbnail, read_level(staged.mask, level), shares, title))
+        # Saved directly: the scratch folder already makes it atomic (and the file gets the usual permissions).
+        Image.fromarray(draw_overview(thumbnail, read_level(staged.mask, level), shares, title)).save(staged.overview)
         report["seconds"] = round(time.perf_counter() - started, 2)
         staged.areas.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for name in ("mask", "overview", "areas"):  # the JSON last: it marks a complete result

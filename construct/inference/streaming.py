@@ -127,12 +127,14 @@ class StreamingPredictor:
         return (max(0, int(cols[0]) - self.margin), max(0, int(rows[0]) - self.margin),
                 min(model_w, int(cols[1]) + 1 + self.margin), min(model_h, int(rows[1]) + 1 + self.margin))
 
-    def tiles(self) -> list[tuple[int, int]]:
-        """(x, y) model-px offsets of the tiles that touch tissue, row by row."""
+    def tiles(self) -> Iterator[tuple[int, int]]:
+        """(x, y) model-px offsets of the tiles that touch tissue, row by row (made as needed, never all listed)."""
         tile, stride, scale = self.settings.tile, self.settings.stride, self.settings.downsample
         model_w, model_h = self.model_size
-        return [(x, y) for y in tile_offsets(model_h, tile, stride) for x in tile_offsets(model_w, tile, stride)
-                if self.tissue.any_in(x * scale, y * scale, (x + tile) * scale, (y + tile) * scale)]
+        for y in tile_offsets(model_h, tile, stride):
+            for x in tile_offsets(model_w, tile, stride):
+                if self.tissue.any_in(x * scale, y * scale, (x + tile) * scale, (y + tile) * scale):
+                    yield x, y
 
     # --- stage 1: tiles ------------------------------------------------------------------------
 
@@ -249,19 +251,19 @@ class StreamingPredictor:
     def bands(self) -> Iterator[Band]:
         """The mask, band by band from the top; tiles are predicted just ahead of the band that needs them."""
         canvas = self.make_canvas()
-        pending = self.tiles()
-        bands = self.band_rows()
-        next_tile = 0
-        for top, bottom in bands:
+        tiles = self.tiles()
+        upcoming = next(tiles, None)
+        for top, bottom in self.band_rows():
             ready = self.band_ready_row(canvas, top, bottom)
             while canvas.final_until < ready:
-                batch = pending[next_tile:next_tile + self.batch_size]
-                next_tile += len(batch)
+                batch = []
+                while upcoming is not None and len(batch) < self.batch_size:
+                    batch.append(upcoming)
+                    upcoming = next(tiles, None)
                 if batch:
                     self.predict_tiles(batch, canvas)
-                # Later tiles start at or below the next pending one, so rows above it are complete.
-                upcoming = pending[next_tile][1] if next_tile < len(pending) else math.inf
-                canvas.finalize_until(canvas.rows if upcoming == math.inf else upcoming // canvas.cell)
+                # Later tiles start at or below the upcoming one, so the rows above it are complete.
+                canvas.finalize_until(canvas.rows if upcoming is None else upcoming[1] // canvas.cell)
             yield self.make_band(canvas, top, bottom)
             _, first_needed, _, _ = self.context_box(0, bottom, 1, min(bottom + 1, self.reader.size[1]))
             canvas.release_until(first_needed // canvas.cell - 1)
