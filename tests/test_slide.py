@@ -4,6 +4,7 @@ real Aperio fixture end to end (tiny random models; small synthetic slides built
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,30 @@ def test_openslide_reader_picks_a_level_resamples_and_reads_glass_outside(tmp_pa
         assert np.abs(upsampled[4:-4, 4:-4] - expected[4:-4, 4:-4]).mean() < 12
         outside = reader.read(1490, 1090, 20, 20, 1.0)
         assert (outside[15:, 15:] == 255).all() and (outside[:5, :5] == GLASS).all()
+
+
+def test_mpp_flag_only_fills_in_a_missing_resolution(tmp_path):
+    stated, bare = tmp_path / "stated.tif", tmp_path / "bare.tif"
+    write_synthetic_slide(stated, 300, 200, mpp=0.5)
+    write_synthetic_slide(bare, 300, 200, mpp=None)
+    with OpenSlideReader(stated, mpp=0.3) as reader:
+        assert reader.mpp == 0.5 and reader.mpp_source == "slide properties"
+    with OpenSlideReader(bare, mpp=0.3) as reader:
+        assert reader.mpp == 0.3 and reader.mpp_source == "--mpp"
+    with pytest.raises(DataError, match="does not state its resolution"):
+        OpenSlideReader(bare)
+
+
+def test_predict_slide_help_explains_every_option(capsys):
+    namespace = runpy.run_path(str(REPO / "visualization_utils" / "predict_slide.py"))
+    parser = namespace["build_parser"]()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    assert {"--config", "--checkpoint", "--gpu", "--device", "--mpp", "--out-dir", "--no-crf"} <= set(options)
+    assert all(option in text for option in options) and all(action.help for action in parser._actions)
 
 
 def test_array_reader_mirrors_at_the_border():
