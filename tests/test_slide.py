@@ -300,7 +300,7 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
     # The tissue is the stained part of this 1.1 × 1.5 mm field: well under all of it, well over nothing.
     assert 0.2 < report["tissue_mm2"] / (2220 * 2967 * mm2_per_px) < 0.8
     assert report["mpp"] == 0.499 and report["mpp_source"] == "slide properties" and report["model_mpp"] == 2.0
-    assert report["tiles"] > 10 and report["crf"] is True
+    assert report["tiles"] > 10 and report["crf"] is True and report["tta"]["mode"] == "off"
 
     with Image.open(out / "cmu_small_region_overview.png") as overview:
         assert overview.mode == "RGB" and overview.width > 1000 and overview.height > 600

@@ -111,7 +111,7 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
             "mask_levels": len(writer.sizes), "overview": outputs.overview.name,
             "class_indices": {name: index for index, name in enumerate(ALL_CLASS_NAMES)},
             **area_report(stream.stats.class_pixels, reader.mpp),
-            "tiles": stream.stats.tiles, "crf": predictor.uses_crf,
+            "tiles": stream.stats.tiles, "crf": predictor.uses_crf, "tta": predictor.tta.record(),
         }
         thumbnail = reader.thumbnail(overview_side)
         level = _overview_level(writer.sizes, thumbnail.shape[1], thumbnail.shape[0])
