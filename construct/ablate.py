@@ -2,11 +2,13 @@
 
     python -m construct.ablate --config configs/demo.yaml --variants cls,cls+struct,cls+sim,full --seeds 0,1,2
 
-Variants are config overrides of the loss weights only (same data, same seeds). Each run trains
+Variants are config overrides of the loss terms (same data, same seeds): the four loss-term
+variants, and settings of L_sim's open choices on top of the full loss. Each run trains
 into ``<out>/<variant>/seed<S>/`` with periodic validation (``train.eval_interval``); its
 ``best.pth`` is evaluated on the test split under both presence protocols with TTA and CRF as the
 config says. Writes ``ablation.md`` (table) and ``curves.png`` (validation mIoU and classification
-accuracy against iteration, mean over seeds) into ``--out``.
+accuracy against iteration, mean over seeds) into ``--out``. A finished run leaves
+``result.json`` in its folder, so rerunning an interrupted ablation only trains what is missing.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from construct.cli import add_device_arguments, resolve_device, run_cli
-from construct.config import Config, load_config
+from construct.config import PAPER_SIM_OVERRIDES, Config, config_to_dict, load_config
 from construct.data.datasets import EvalDataset
 from construct.engine.distributed import DistInfo
-from construct.engine.trainer import train
-from construct.errors import ConfigError
+from construct.engine.trainer import prepare_inputs, train
+from construct.errors import ConfigError, ConStructError
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.inference.predictor import Predictor
@@ -34,6 +38,11 @@ VARIANT_OVERRIDES: dict[str, list[str]] = {
     "cls+struct": ["loss.sim_weight=0"],
     "cls+sim": ["loss.struct_weight=0"],
     "full": [],
+    # L_sim's open choices (docs/ablation.md), each on top of the full loss:
+    "full-paper-sim": list(PAPER_SIM_OVERRIDES),
+    "full-sim-prototypes-only": ["loss.sim_gradient=prototypes"],
+    "full-per-image-max": ["loss.threshold_max=per_image"],
+    "full-sim0.05": ["loss.sim_weight=0.05"],
 }
 
 
@@ -53,19 +62,32 @@ def validation_curve(work_dir: Path) -> list[dict[str, Any]]:
     return [record for record in map(json.loads, lines) if record["kind"] == "val"]
 
 
+RESULT = "result.json"
+"""Each finished run leaves its record here; a rerun of the same command reuses it (resumable)."""
+
+
 def run_one(args: argparse.Namespace, variant: str, seed: int, device) -> dict[str, Any]:
     config = variant_config(args, variant, seed)
+    record_path = Path(config.work_dir) / RESULT
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("config") == config_to_dict(config):
+            print(f"{variant} seed {seed}: reusing the finished run in {config.work_dir}")
+            return record
     started = time.time()
     result = train(config, DistInfo(device=device), overwrite=True)
     model = load_trained_model(config, Path(config.work_dir) / "best.pth", device)
     with Predictor(model, config, device, tta=True, crf=config.inference.crf.enabled, workers=args.workers) as predictor:
         metrics = evaluate_split(predictor, EvalDataset(config.data.root, "test"), config, PROTOCOLS,
                                  description=f"test {variant} seed {seed}")
-    return {
+    record = {
         "variant": variant, "seed": seed, "best_val_miou": result.best_miou, "best_iteration": result.best_iteration,
         "test": {p: {"miou": m.miou, "mdice": m.mdice} for p, m in metrics.items()}, "tta": predictor.tta.describe(),
         "curve": validation_curve(Path(config.work_dir)), "seconds": time.time() - started,
+        "config": config_to_dict(config),
     }
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+    return record
 
 
 def mean_std(values: list[float]) -> str:
@@ -121,15 +143,56 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="base config (e.g. configs/demo.yaml)")
-    parser.add_argument("--variants", type=parse_list, default=list(VARIANT_OVERRIDES),
-                        help=f"comma-separated subset of {','.join(VARIANT_OVERRIDES)} (default: all)")
+    parser.add_argument("--variants", type=parse_list, default=list(VARIANT_OVERRIDES)[:4],
+                        help=f"comma-separated subset of {','.join(VARIANT_OVERRIDES)} "
+                             "(default: the four loss-term variants cls,cls+struct,cls+sim,full)")
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in parse_list(t)], default=[0],
                         help="comma-separated train.seed values (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("work_dirs/ablation"), help="output folder (default work_dirs/ablation)")
     parser.add_argument("--workers", type=int, default=None, help="CRF worker processes (default: all cores)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE", help="overrides applied to every variant")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at the same time, each in its own process (for many-core or GPU machines; "
+                             "each run is the same as when trained alone). Default 1")
+    parser.add_argument("--single-run", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no table
     add_device_arguments(parser)
     return parser
+
+
+def finished(args: argparse.Namespace, variant: str, seed: int) -> bool:
+    config = variant_config(args, variant, seed)
+    path = Path(config.work_dir) / RESULT
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("config") == config_to_dict(config)
+
+
+def run_in_parallel(args: argparse.Namespace, device) -> None:
+    """Train the missing (variant, seed) runs ``--jobs`` at a time, each in its own process."""
+    prepare_inputs(variant_config(args, args.variants[0], args.seeds[0]), DistInfo(device=device))  # once, not per job
+    pending = [(v, s) for v in args.variants for s in args.seeds if not finished(args, v, s)]
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    device_args = ["--device", str(device)]
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            variant, seed = pending.pop(0)
+            name = f"{variant}-seed{seed}"
+            command = [sys.executable, "-m", "construct.ablate", "--config", str(args.config), "--variants", variant,
+                       "--seeds", str(seed), "--out", str(args.out), "--single-run", *device_args,
+                       *(["--workers", str(args.workers)] if args.workers else []), *(["--opts", *args.opts] if args.opts else [])]
+            with open(logs / f"{name}.log", "w", encoding="utf-8") as log:
+                running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+            print(f"started {name} (log: {logs / name}.log)", flush=True)
+        time.sleep(1)
+        for name, process in list(running):
+            if process.poll() is not None:
+                running.remove((name, process))
+                print(f"{'finished' if process.returncode == 0 else 'FAILED'} {name}", flush=True)
+                if process.returncode != 0:
+                    failed.append(name)
+    if failed:
+        raise ConStructError(f"ablation runs failed: {', '.join(failed)} (see {logs}/<run>.log)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -137,11 +200,16 @@ def main(args: argparse.Namespace) -> None:
     for variant in args.variants:
         variant_config(args, variant, args.seeds[0])  # fail on a bad variant or override before any training
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.jobs > 1:
+        run_in_parallel(args, device)
     runs = [run_one(args, variant, seed, device) for variant in args.variants for seed in args.seeds]
+    if args.single_run:
+        return
     command = "python -m construct.ablate --config {} --variants {} --seeds {}{}".format(
         args.config, ",".join(args.variants), ",".join(map(str, args.seeds)),
         (" --opts " + " ".join(args.opts)) if args.opts else "")
-    (args.out / "ablation.json").write_text(json.dumps(runs, indent=2), encoding="utf-8")
+    (args.out / "ablation.json").write_text(json.dumps([{k: v for k, v in run.items() if k != "config"} for run in runs],
+                                                       indent=2), encoding="utf-8")
     write_table(runs, args.out / "ablation.md", command)
     plot_curves(runs, args.out / "curves.png")
     print(f"wrote {args.out / 'ablation.md'}, {args.out / 'curves.png'} and {args.out / 'ablation.json'}")

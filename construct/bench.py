@@ -3,7 +3,7 @@
     python -m construct.bench --device cpu          # or --device cuda:0 (bf16 autocast)
 
 Measures (a) training throughput and peak memory at batch 10 for cls, cls+struct and
-cls+struct+sim; (b) inference throughput with and without TTA and CRF, and the CRF with one
+the full loss with each L_sim setting (default and the paper's); (b) inference throughput with and without TTA and CRF, and the CRF with one
 worker against all cores; (c) the size of a training checkpoint. Each measurement runs in its own
 process so peak-memory figures do not mix. Nothing here is a test: the numbers depend on the
 machine, which the report names.
@@ -27,15 +27,34 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from construct.config import PAPER_SIM_OVERRIDES
+
 if TYPE_CHECKING:
     from construct.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "docs" / "benchmarks.md"
+PAPER_SIM = list(PAPER_SIM_OVERRIDES)
 VARIANTS = {
     "cls": ["loss.struct_weight=0", "loss.sim_weight=0"],
     "cls+struct": ["loss.sim_weight=0"],
-    "cls+struct+sim": [],
+    "full": [],
+    "full-paper": PAPER_SIM,
+    "full-image112": [*PAPER_SIM, "loss.sim_view_size=112"],
+    "full-image-8pairs": [*PAPER_SIM, "loss.sim_max_pairs=8"],
+    "full-image-protograd": [*PAPER_SIM, "loss.sim_gradient=prototypes"],
+    "full-image-checkpointed": [*PAPER_SIM, "loss.sim_checkpoint_chunk=10"],
+}
+"""Training variants (config overrides). 'full' is the configs' default L_sim (token views)."""
+DESCRIPTIONS = {
+    "cls": "cls",
+    "cls+struct": "cls + struct",
+    "full": "full, **default L_sim** (token views)",
+    "full-paper": "full, **paper L_sim** (image views, all pairs, 224 px, grad through CONCH)",
+    "full-image112": "full, image views at 112 px",
+    "full-image-8pairs": "full, image views, ≤ 8 pairs per step",
+    "full-image-protograd": "full, image views, gradient into prototypes only",
+    "full-image-checkpointed": "full, image views, activation checkpointing (chunks of 10)",
 }
 
 
@@ -112,7 +131,7 @@ def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, 
     seconds = (time.perf_counter() - started) / steps
     result = {"variant": variant, "seconds_per_step": seconds, "images_per_s": 10 / seconds,
               "peak_memory_mib": peak_memory_mib(device), "pairs_per_step": int(labels.sum())}
-    if variant == "cls+struct+sim":
+    if variant == "full":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "latest.pth"
             save_checkpoint({"model": model.trainable_state_dict(), "objective": objective.extra_state_dict(),
@@ -185,7 +204,8 @@ def render_section(device: torch.device, training: list[dict[str, Any]], inferen
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     memory = "CUDA max allocated" if device.type == "cuda" else "peak RSS of the process"
     today = datetime.date.today().isoformat()
-    full = training[-1]
+    by_name = {r["variant"]: r for r in training}
+    full = by_name["full"]
     lines = [
         f"## {kind} ({precision})",
         "",
@@ -195,11 +215,14 @@ def render_section(device: torch.device, training: list[dict[str, Any]], inferen
         "",
         f"| training losses | s / step | images / s | peak memory ({memory}) |",
         "|---|---|---|---|",
-        *[f"| {r['variant']} | {r['seconds_per_step']:.2f} | {r['images_per_s']:.2f} | {r['peak_memory_mib'] / 1024:.2f} GiB |"
-          for r in training],
+        *[f"| {DESCRIPTIONS[r['variant']]} | {r['seconds_per_step']:.2f} | {r['images_per_s']:.2f} | "
+          f"{r['peak_memory_mib'] / 1024:.2f} GiB |" for r in training],
         "",
-        f"L_sim encodes an FG and a BG view for each (image, present class) pair: {full['pairs_per_step']} pairs in",
-        f"the benchmark batch, i.e. {2 * full['pairs_per_step']} extra CONCH image-encoder passes (forward and backward) per step.",
+        f"L_sim embeds an FG and a BG view for each (image, present class) pair: {full['pairs_per_step']} pairs in the",
+        f"benchmark batch. Image views cost {2 * full['pairs_per_step']} extra CONCH image-encoder passes (forward and",
+        "backward) per step; token views pool the tokens the forward pass already computed.",
+        *([f"Default full step / cls+struct step: **{full['seconds_per_step'] / by_name['cls+struct']['seconds_per_step']:.2f}×**."]
+          if "cls+struct" in by_name else []),
         "",
         f"| inference ({inference['images']} synthetic tiles) | images / s |",
         "|---|---|",
@@ -227,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default: 2 on CPU, 10 on CUDA)")
     parser.add_argument("--images", type=int, default=None, help="inference tiles (default: 16 on CPU, 256 on CUDA)")
     parser.add_argument("--no-write", action="store_true", help="print the report section instead of updating docs/benchmarks.md")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated training variants (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--child", choices=("train", "infer"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -241,8 +266,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_inference(device, images)))
         return
     common = ["--device", args.device, "--steps", str(steps), "--images", str(images)]
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or "full" not in chosen:
+        parser.error(f"--variants: unknown {unknown} or 'full' missing (choose from {', '.join(VARIANTS)})")
     training = []
-    for variant in VARIANTS:
+    for variant in chosen:
         print(f"training: {variant} ...", flush=True)
         training.append(run_child(["--child", "train", "--variant", variant, *common]))
         print(f"  {training[-1]}", flush=True)

@@ -38,6 +38,12 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 
 
+PAPER_SIM_OVERRIDES: tuple[str, ...] = ("loss.sim_views=image", "loss.sim_view_size=null", "loss.sim_max_pairs=0",
+                                        "loss.sim_gradient=encoder")
+"""The paper's L_sim as --opts: masked image views through CONCH at full size, every pair, gradient
+through the encoder (construct.bench and construct.ablate compare it with the default)."""
+
+
 @dataclass
 class SyntheticConfig:
     """Generate a synthetic BCSS-format dataset under ``data.root`` when it is missing."""
@@ -50,6 +56,8 @@ class SyntheticConfig:
     """Number of test tiles (with masks)."""
     seed: int = 0
     """Generator seed: the same seed gives the same dataset."""
+    style: Literal["default", "variant"] = "default"
+    """Colours and structure sizes: 'variant' is another stain at 1.3x magnification."""
 
 
 @dataclass
@@ -88,6 +96,10 @@ class TeacherConfig:
 class ModelConfig:
     image_size: int = 224
     """Training tile size in pixels (a multiple of 16)."""
+    testbed_seed: int | None = None
+    """When set, model.conch.checkpoint and model.teacher.checkpoint are the testbed's tiny towers
+    (<folder>/pytorch_model.bin and <folder>/mit), pretrained offline with this seed on first use
+    (python -m construct.pretrain_tiny); null = weights you provide, or random ones."""
     conch: ConchConfig = field(default_factory=ConchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
@@ -126,6 +138,20 @@ class LossConfig:
     """InfoNCE temperature tau of the FG/BG contrastive loss."""
     memory_bank_size: int = 2048
     """Number of past BG embeddings kept as extra negatives (FIFO)."""
+    sim_views: Literal["tokens", "image"] = "tokens"
+    """How L_sim embeds the FG/BG views. 'image' (the paper): the masked images through the CONCH
+    image encoder. 'tokens': the forward pass's last-block tokens pooled by CONCH's attentional
+    pooler with the view as attention weights (no second trunk pass; docs/ablation.md)."""
+    sim_view_size: int | None = None
+    """Image views only: side in px at which the views are encoded (null = model.image_size)."""
+    sim_max_pairs: int = 0
+    """Cap on the (image, class) pairs of L_sim per step, drawn uniformly; 0 = all pairs."""
+    sim_gradient: Literal["encoder", "prototypes"] = "encoder"
+    """'encoder': L_sim's gradient reaches the CAMs (through the encoder or the pooling weights) and
+    the prototypes; 'prototypes': views are embedded without a graph, only the prototypes learn."""
+    sim_checkpoint_chunk: int = 0
+    """Image views with gradient: encode in chunks of this many views under activation
+    checkpointing, holding one chunk's activations at a time (0 = all at once, all kept)."""
 
 
 @dataclass
@@ -418,6 +444,15 @@ def validate(config: Config, source: str) -> None:
         if pair[0] not in model.cam_levels:
             # Distilling a level that feeds no CAM cannot change the output (method.md §9.1).
             fail(f"model.distill_pairs[{i}]", f"student level {pair[0]} must be one of model.cam_levels {model.cam_levels}")
+    if model.testbed_seed is not None:
+        conch_file = model.conch.checkpoint
+        expected_teacher = None if conch_file is None else str(Path(conch_file).parent / "mit")
+        if conch_file is None or Path(conch_file).name != "pytorch_model.bin":
+            fail("model.conch.checkpoint", "must be <testbed folder>/pytorch_model.bin when model.testbed_seed is set")
+        if model.teacher.checkpoint is None or Path(model.teacher.checkpoint) != Path(expected_teacher):
+            fail("model.teacher.checkpoint", f"must be {expected_teacher} (beside the testbed CONCH) when model.testbed_seed is set")
+        if model.conch.preset != "tiny" or model.teacher.preset != "tiny":
+            fail("model.testbed_seed", "needs the tiny presets (model.conch.preset and model.teacher.preset: tiny)")
     if len(model.prompts) != 4:
         fail("model.prompts", f"needs one prompt per class (TUM, STR, LYM, NEC), got {len(model.prompts)}")
     if model.prototypes_per_class < 1:
@@ -430,6 +465,16 @@ def validate(config: Config, source: str) -> None:
         fail("loss.fg_threshold", f"must lie in (0, 1), got {config.loss.fg_threshold}")
     if config.loss.memory_bank_size < 0:
         fail("loss.memory_bank_size", "must be >= 0")
+    if config.loss.sim_max_pairs < 0:
+        fail("loss.sim_max_pairs", "must be >= 0 (0 = all pairs)")
+    if config.loss.sim_checkpoint_chunk < 0:
+        fail("loss.sim_checkpoint_chunk", "must be >= 0 (0 = no activation checkpointing)")
+    if config.loss.sim_views == "tokens":
+        for key in ("sim_view_size", "sim_checkpoint_chunk"):
+            if getattr(config.loss, key):
+                fail(f"loss.{key}", "only applies to loss.sim_views: image (token views run no encoder pass)")
+    elif config.loss.sim_view_size is not None and (config.loss.sim_view_size <= 0 or config.loss.sim_view_size % 16):
+        fail("loss.sim_view_size", f"must be a positive multiple of 16, got {config.loss.sim_view_size}")
     if not config.inference.tta_factors:
         fail("inference.tta_factors", "must hold at least one factor (use [1.0] for none)")
     if any(factor <= 0 for factor in config.inference.tta_factors):

@@ -16,8 +16,8 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
     generate_dataset(root, n_train=16, n_val=3, n_test=3, seed=5, size=64)
     out = tmp_path / "ablation"
     args = build_parser().parse_args([
-        "--config", str(REPO / "configs" / "demo.yaml"), "--variants", "cls,full", "--seeds", "0",
-        "--out", str(out), "--device", "cpu", "--workers", "1", "--opts", f"data.root={root}", "data.synthetic=null",
+        "--config", str(REPO / "configs" / "demo_random.yaml"), "--variants", "cls,full", "--seeds", "0",
+        "--out", str(out), "--device", "cpu", "--workers", "1", "--jobs", "2", "--opts", f"data.root={root}", "data.synthetic=null",
         "data.num_workers=0", "model.image_size=64", "train.batch_size=4", "train.max_iters=4", "train.eval_interval=2",
         "inference.batch_size=4", "inference.tta_factors=[1.0]",
     ])
@@ -30,6 +30,12 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     runs = json.loads((out / "ablation.json").read_text())
     assert [run["variant"] for run in runs] == ["cls", "full"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["cls-seed0.log", "full-seed0.log"]  # one process each
+
+    # a rerun reuses the finished runs instead of training again
+    before = (out / "cls" / "seed0" / "result.json").stat().st_mtime_ns
+    main(args)
+    assert (out / "cls" / "seed0" / "result.json").stat().st_mtime_ns == before
     for run in runs:
         assert [record["iteration"] for record in run["curve"]] == [2, 4]  # periodic validation in the log
         assert {"miou", "cls_accuracy"} <= set(run["curve"][0])

@@ -31,7 +31,7 @@ from construct.errors import CheckpointError
 from construct.models.conch import load_conch
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo_random.yaml"
 SIZE = 64
 
 

@@ -26,8 +26,20 @@ def test_shipped_configs_load():
     no_distill = load_config(REPO / "configs/bcss_no_distill.yaml")
     assert no_distill.loss.struct_weight == 0.0
     assert no_distill.train == bcss.train  # only what the override names changes
-    demo = load_config(REPO / "configs/demo.yaml")
+    demo = load_config(REPO / "configs/demo_random.yaml")
     assert demo.model.conch.checkpoint is None and demo.model.conch.preset == "tiny"
+    testbed = load_config(REPO / "configs/demo.yaml")
+    assert testbed.model.testbed_seed == 0 and testbed.model.teacher.checkpoint == "pretrained_models/testbed/seed0/mit"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.teacher.checkpoint=elsewhere/mit", "model.teacher.checkpoint"),
+    ("model.conch.checkpoint=pretrained_models/testbed/seed0/conch.pth", "model.conch.checkpoint"),
+    ("model.conch.preset=vit_b16", "model.testbed_seed"),
+])
+def test_testbed_towers_must_be_the_testbed_layout(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "configs/demo.yaml", [override])
 
 
 def test_empty_file_gives_defaults(tmp_path):

@@ -22,7 +22,7 @@ from construct.engine.checkpoint import load_checkpoint
 from construct.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo_random.yaml"
 ITERATIONS = 8  # 8 tiles / batch 2 = 4 iterations per epoch: two epochs, validation at 4 and 8
 
 LAUNCHER = '''

@@ -87,11 +87,12 @@ def test_contrastive_loss_backpropagates_into_cams_and_prototypes():
     prototypes = torch.randn(3, 8, requires_grad=True)
     projection = torch.randn(3, 8)
 
-    def encode(views: torch.Tensor) -> torch.Tensor:  # a differentiable stand-in encoder
-        return F.normalize(views.mean(dim=(2, 3)) @ projection, dim=-1)
+    class Encoder:  # a differentiable stand-in for CONCH's image encoder
+        def encode_image(self, views: torch.Tensor) -> torch.Tensor:
+            return F.normalize(views.mean(dim=(2, 3)) @ projection, dim=-1)
 
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    value = loss(images, cams, labels, F.normalize(prototypes, dim=-1), 1, encode)
+    value = loss(images, cams, labels, F.normalize(prototypes, dim=-1), 1, Encoder())
     value.backward()
     assert cams.grad.abs().sum() > 0
     assert prototypes.grad.abs().sum() > 0
@@ -101,5 +102,14 @@ def test_contrastive_loss_backpropagates_into_cams_and_prototypes():
 def test_contrastive_loss_without_present_classes_is_zero():
     loss = FgBgContrastiveLoss(0.5, "per_image", 0.07, 8, 4)
     cams = torch.randn(1, 2, 4, 4, requires_grad=True)
-    value = loss(torch.rand(1, 3, 8, 8), cams, torch.zeros(1, 2), torch.randn(2, 4), 1, lambda x: x)
+    value = loss(torch.rand(1, 3, 8, 8), cams, torch.zeros(1, 2), torch.randn(2, 4), 1, encoder=None)
     assert value.item() == 0.0
+
+
+def test_shared_negatives_equal_the_same_negatives_given_per_query():
+    torch.manual_seed(0)
+    query, positives = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 2, 8), dim=-1)
+    own, bank = F.normalize(torch.randn(3, 4, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    expanded = torch.cat([own, bank.expand(3, -1, -1)], dim=1)
+    assert torch.allclose(info_nce(query, positives, own, 0.1, shared_negatives=bank),
+                          info_nce(query, positives, expanded, 0.1), atol=1e-6)

@@ -11,7 +11,7 @@ from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.models.build import build_model, build_teacher
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo_random.yaml"
 
 
 def tiny_config(*overrides: str):

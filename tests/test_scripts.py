@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, cls + struct losses) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("scripts")
     generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0)
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "demo_random.yaml", [
         f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=4", "loss.sim_weight=0",
     ])
@@ -172,7 +172,7 @@ def test_help_mentions_every_option(name, capsys):
 
 def test_unavailable_gpu_is_a_one_line_error(tmp_path):
     missing = torch.cuda.device_count()  # one past the last CUDA device: never available
-    result = run_script("evaluate_performance", "--config", REPO / "configs" / "demo.yaml",
+    result = run_script("evaluate_performance", "--config", REPO / "configs" / "demo_random.yaml",
                         "--checkpoint", tmp_path / "none.pth", "--gpu", missing)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -45,7 +45,7 @@ SIZE = 64  # tile side of the in-process models
 
 def config_with(*opts: str):
     """The demo config (tiny presets) at 64-px tiles, with ``opts`` overrides."""
-    return load_config(REPO / "configs" / "demo.yaml", [f"model.image_size={SIZE}", "inference.batch_size=8", *opts])
+    return load_config(REPO / "configs" / "demo_random.yaml", [f"model.image_size={SIZE}", "inference.batch_size=8", *opts])
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, 224 px) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("slide_run")
     generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0)
-    config = load_config(REPO / "configs" / "demo.yaml", [
+    config = load_config(REPO / "configs" / "demo_random.yaml", [
         f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8", "loss.sim_weight=0",
     ])

@@ -20,7 +20,7 @@ from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "demo_random.yaml"
 
 
 @pytest.fixture(scope="module")

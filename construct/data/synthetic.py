@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,14 +44,38 @@ _SPLITS = ("train", "val", "test")
 _SLIDE_GRID = 8  # 8×8 tiles per fake slide, only for plausible file names
 _TILES_PER_SLIDE = _SLIDE_GRID**2
 
-# Class colours (RGB, 0-255): ground colour, and the colour of its nuclei / fibres.
-_BACK = np.array([243, 241, 245], np.float32)
-_TUM_CYTO, _TUM_NUC = np.array([216, 158, 212], np.float32), np.array([98, 52, 150], np.float32)
-_STR_BASE, _STR_FIBRE = np.array([242, 190, 212], np.float32), np.array([214, 92, 152], np.float32)
-_LYM_BASE, _LYM_NUC = np.array([200, 158, 208], np.float32), np.array([50, 30, 108], np.float32)
-_NEC_BASE, _NEC_DEBRIS = np.array([234, 204, 224], np.float32), np.array([130, 64, 148], np.float32)
-_NEC_GHOST = np.array([214, 172, 202], np.float32)
-_NUC_SPINDLE = np.array([110, 60, 150], np.float32)
+@dataclass(frozen=True)
+class Style:
+    """Colours (RGB, 0-255) of every class's ground and nuclei/fibres, and a size factor for its
+    nuclei, cells and fibres: one "lab" of the generator. ``variant`` is a second lab with another
+    stain and magnification, used to check that a recipe is not tuned to the default look."""
+
+    back: tuple[float, float, float] = (243, 241, 245)
+    tum_cyto: tuple[float, float, float] = (216, 158, 212)
+    tum_nuc: tuple[float, float, float] = (98, 52, 150)
+    str_base: tuple[float, float, float] = (242, 190, 212)
+    str_fibre: tuple[float, float, float] = (214, 92, 152)
+    lym_base: tuple[float, float, float] = (200, 158, 208)
+    lym_nuc: tuple[float, float, float] = (50, 30, 108)
+    nec_base: tuple[float, float, float] = (234, 204, 224)
+    nec_debris: tuple[float, float, float] = (130, 64, 148)
+    nec_ghost: tuple[float, float, float] = (214, 172, 202)
+    nuc_spindle: tuple[float, float, float] = (110, 60, 150)
+    scale: float = 1.0
+
+    def colour(self, name: str) -> np.ndarray:
+        return np.asarray(getattr(self, name), np.float32)
+
+
+STYLES: dict[str, Style] = {
+    "default": Style(),
+    # A browner eosin, a bluer haematoxylin and 1.3x larger structures (a higher magnification).
+    "variant": Style(
+        back=(236, 238, 232), tum_cyto=(222, 176, 170), tum_nuc=(60, 60, 128), str_base=(240, 206, 190),
+        str_fibre=(204, 112, 110), lym_base=(214, 184, 190), lym_nuc=(36, 40, 96), nec_base=(238, 220, 206),
+        nec_debris=(92, 80, 140), nec_ghost=(222, 194, 186), nuc_spindle=(80, 72, 140), scale=1.3,
+    ),
+}
 
 
 @lru_cache(maxsize=16)
@@ -140,47 +165,51 @@ def _mix(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return base + alpha[:, None] * (top - base)
 
 
-def _tumour(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
-    mottle = _smooth_noise(rng, size, 4.0)[y, x]
-    cyto = _TUM_CYTO * (1.0 + 0.04 * mottle[:, None])
-    nuc = _cover(_nuclei_edge(rng, y, x, cell=13.0, radius=(3.8, 5.8), aspect=(1.0, 1.5), keep=0.85))
-    chromatin = _TUM_NUC * (1.0 + 0.10 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
+def _tumour(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
+    k = style.scale
+    mottle = _smooth_noise(rng, size, 4.0 * k)[y, x]
+    cyto = style.colour("tum_cyto") * (1.0 + 0.04 * mottle[:, None])
+    nuc = _cover(_nuclei_edge(rng, y, x, cell=13.0 * k, radius=(3.8 * k, 5.8 * k), aspect=(1.0, 1.5), keep=0.85))
+    chromatin = style.colour("tum_nuc") * (1.0 + 0.10 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
     return _mix(cyto, chromatin, nuc)
 
 
-def _stroma(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+def _stroma(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
+    k = style.scale
     angle = rng.uniform(0, np.pi)
     along = x * np.cos(angle) + y * np.sin(angle)
     across = y * np.cos(angle) - x * np.sin(angle)
     # Parallel streaks whose phase wanders smoothly: wavy collagen bundles.
-    phase = 2.0 * np.pi * across / rng.uniform(6.0, 9.0) + 3.0 * _smooth_noise(rng, size, 14.0)[y, x]
+    phase = 2.0 * np.pi * across / (k * rng.uniform(6.0, 9.0)) + 3.0 * _smooth_noise(rng, size, 14.0 * k)[y, x]
     fibre = (0.5 + 0.5 * np.sin(phase)) ** 1.5
-    fibre *= 0.75 + 0.25 * np.sin(2.0 * np.pi * along / 40.0 + _smooth_noise(rng, size, 10.0)[y, x])
-    colour = _mix(_STR_BASE, _STR_FIBRE, fibre)
+    fibre *= 0.75 + 0.25 * np.sin(2.0 * np.pi * along / (40.0 * k) + _smooth_noise(rng, size, 10.0 * k)[y, x])
+    colour = _mix(style.colour("str_base"), style.colour("str_fibre"), fibre)
     spindle = _cover(
-        _nuclei_edge(rng, y, x, cell=24.0, radius=(2.0, 2.6), aspect=(2.5, 3.2), keep=0.35, angle=angle)
+        _nuclei_edge(rng, y, x, cell=24.0 * k, radius=(2.0 * k, 2.6 * k), aspect=(2.5, 3.2), keep=0.35, angle=angle)
     )
-    return _mix(colour, _NUC_SPINDLE, spindle)
+    return _mix(colour, style.colour("nuc_spindle"), spindle)
 
 
-def _lymphocytes(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
-    nuc = _cover(_nuclei_edge(rng, y, x, cell=6.0, radius=(2.2, 2.7), keep=0.95))
-    dark = _LYM_NUC * (1.0 + 0.12 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
-    return _mix(np.broadcast_to(_LYM_BASE, (y.size, 3)), dark, nuc)
+def _lymphocytes(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
+    k = style.scale
+    nuc = _cover(_nuclei_edge(rng, y, x, cell=6.0 * k, radius=(2.2 * k, 2.7 * k), keep=0.95))
+    dark = style.colour("lym_nuc") * (1.0 + 0.12 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
+    return _mix(np.broadcast_to(style.colour("lym_base"), (y.size, 3)), dark, nuc)
 
 
-def _necrosis(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
-    blotch = _smooth_noise(rng, size, 8.0)[y, x]
-    colour = _NEC_BASE * (1.0 + 0.04 * blotch[:, None])
+def _necrosis(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
+    k = style.scale
+    blotch = _smooth_noise(rng, size, 8.0 * k)[y, x]
+    colour = style.colour("nec_base") * (1.0 + 0.04 * blotch[:, None])
     # Ghost cells: only the faint outline of dead cells is left.
-    ghost = _nuclei_edge(rng, y, x, cell=16.0, radius=(4.0, 6.0), keep=0.4)
-    colour = _mix(colour, _NEC_GHOST, 0.7 * np.clip(1.0 - np.abs(ghost + 0.8), 0.0, 1.0))
-    debris = _cover(_nuclei_edge(rng, y, x, cell=9.0, radius=(0.8, 2.2), aspect=(1.0, 2.0), keep=0.4))
-    return _mix(colour, _NEC_DEBRIS, debris)
+    ghost = _nuclei_edge(rng, y, x, cell=16.0 * k, radius=(4.0 * k, 6.0 * k), keep=0.4)
+    colour = _mix(colour, style.colour("nec_ghost"), 0.7 * np.clip(1.0 - np.abs(ghost + 0.8), 0.0, 1.0))
+    debris = _cover(_nuclei_edge(rng, y, x, cell=9.0 * k, radius=(0.8 * k, 2.2 * k), aspect=(1.0, 2.0), keep=0.4))
+    return _mix(colour, style.colour("nec_debris"), debris)
 
 
-def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
-    return np.broadcast_to(_BACK, (y.size, 3))
+def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
+    return np.broadcast_to(style.colour("back"), (y.size, 3))
 
 
 _TEXTURES = (_tumour, _stroma, _lymphocytes, _necrosis, _background)  # by class index
@@ -212,18 +241,24 @@ def _region_mask(rng: np.random.Generator, size: int) -> np.ndarray:
             return mask.astype(np.uint8)
 
 
-def make_tile(rng: np.random.Generator, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one synthetic tile: (H×W×3 uint8 RGB image, H×W uint8 class mask)."""
-    mask = _region_mask(rng, size)
+def paint(rng: np.random.Generator, mask: np.ndarray, style: Style = STYLES["default"]) -> np.ndarray:
+    """Fill a square class mask with each class's texture: an H×W×3 uint8 RGB image."""
+    size = mask.shape[0]
     stain = 1.0 + rng.normal(0.0, 0.025, 3).astype(np.float32)  # per-tile staining variation
     image = np.empty((size * size, 3), np.float32)
     for c in np.unique(mask):
         flat = np.flatnonzero(mask == c)
         y, x = np.divmod(flat, size)
-        colour = _TEXTURES[c](rng, y, x, size)
+        colour = _TEXTURES[c](rng, y, x, size, style)
         image[flat] = colour if c == BACKGROUND_INDEX else colour * stain  # glass takes no stain
     image = image.reshape(size, size, 3) + 3.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
-    return np.clip(np.rint(image, out=image), 0, 255).astype(np.uint8), mask
+    return np.clip(np.rint(image, out=image), 0, 255).astype(np.uint8)
+
+
+def make_tile(rng: np.random.Generator, size: int = 224, style: Style = STYLES["default"]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one synthetic tile: (H×W×3 uint8 RGB image, H×W uint8 class mask)."""
+    mask = _region_mask(rng, size)
+    return paint(rng, mask, style), mask
 
 
 def _tile_name(slide_offset: int, index: int, size: int, label: np.ndarray | None) -> str:
@@ -239,9 +274,9 @@ def tile_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLITS.index(split), index])
 
 
-def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int, size: int) -> None:
+def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int, size: int, style: Style) -> None:
     for i in range(count):
-        image, mask = make_tile(tile_rng(seed, split, i), size)
+        image, mask = make_tile(tile_rng(seed, split, i), size, style)
         if split == "train":
             present = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)[:NUM_CLASSES] > 0
             write_image(out / split / _tile_name(slide_offset, i, size, present), image, compress_level=1)
@@ -261,8 +296,11 @@ def _is_complete(out: Path, manifest: dict) -> bool:
     return all(counts[s] == manifest[s] for s in _SPLITS)
 
 
-def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, seed: int, size: int = 224) -> None:
+def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, seed: int, size: int = 224,
+                     style: str = "default") -> None:
     """Write a synthetic dataset in the BCSS-WSSS layout to ``out``, with a ``synthetic.json``.
+
+    ``style`` names an entry of :data:`STYLES` (colours and structure sizes).
 
     If ``out`` already holds a complete dataset made with the same arguments, nothing is done
     (so callers can "generate if missing"). Any other non-empty ``out`` raises DataError
@@ -274,7 +312,11 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
         raise DataError(
             f"need at least 1 tile per split, size >= 32 and seed >= 0; got {counts}, size {size}, seed {seed}"
         )
+    if style not in STYLES:
+        raise DataError(f"unknown synthetic style {style!r}; choose one of {', '.join(STYLES)}")
     manifest = {"generator": "construct.data.synthetic", "version": _VERSION, "seed": seed, "size": size, **counts}
+    if style != "default":  # default manifests predate styles and stay valid
+        manifest["style"] = style
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         manifest_path = out / MANIFEST
@@ -303,7 +345,7 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
         staging.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
         slide_offset = 0
         for split in _SPLITS:
-            _write_split(staging, split, counts[split], slide_offset, seed, size)
+            _write_split(staging, split, counts[split], slide_offset, seed, size, STYLES[style])
             slide_offset += -(-counts[split] // _TILES_PER_SLIDE)  # splits never share a slide
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(staging, out)  # an empty existing ``out`` is replaced too
@@ -331,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", required=True, type=int, metavar="N", help="number of test tiles")
     parser.add_argument("--seed", required=True, type=int, metavar="S", help="random seed")
     parser.add_argument("--size", type=int, default=224, help="tile side in pixels (default: 224)")
+    parser.add_argument("--style", choices=sorted(STYLES), default="default",
+                        help="colours and structure sizes: 'default', or 'variant' (another stain, 1.3x larger "
+                             "structures) to check that a recipe is not tuned to one look")
     args = parser.parse_args(argv)
     try:
-        generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.size)
+        generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.size, args.style)
     except ConStructError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

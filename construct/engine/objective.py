@@ -36,6 +36,11 @@ class ConStructObjective(nn.Module):
                 temperature=loss_cfg.temperature,
                 bank_size=loss_cfg.memory_bank_size,
                 dim=model.prototypes.dim,
+                views=loss_cfg.sim_views,
+                view_size=loss_cfg.sim_view_size,
+                max_pairs=loss_cfg.sim_max_pairs,
+                gradient=loss_cfg.sim_gradient,
+                checkpoint_chunk=loss_cfg.sim_checkpoint_chunk,
             )
 
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
@@ -48,7 +53,8 @@ class ConStructObjective(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted loss terms and their sum under ``total``."""
-        out = self.model(images)
+        token_views = self.contrastive is not None and self.contrastive.views == "tokens"
+        out = self.model(images, with_tokens=token_views)
         total_weight = sum(self.cam_level_weights)
         terms: dict[str, torch.Tensor] = {}
         if self.weights["cls"] > 0:
@@ -62,7 +68,8 @@ class ConStructObjective(nn.Module):
             ).mean()
         if self.contrastive is not None:
             terms["sim"] = self.contrastive(
-                images, out.cams, labels, self.model.prototypes(), self.model.prototypes.per_class, self.model.conch.encode_image
+                images, out.cams, labels, self.model.prototypes(), self.model.prototypes.per_class, self.model.conch,
+                out.tokens,
             )
         losses = {name: self.weights[name] * value for name, value in terms.items()}
         losses["total"] = sum(losses.values())

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 # real-size random towers (the GPU check) or the demo's tiny towers on 64-px tiles (the CPU dry run).
 CONFIGS: dict[bool, tuple[str, list[str]]] = {
     False: ("configs/bcss.yaml", ["model.conch.checkpoint=null", "model.teacher.checkpoint=null"]),
-    True: ("configs/demo.yaml", ["data.synthetic=null", "model.image_size=64"]),
+    True: ("configs/demo_random.yaml", ["data.synthetic=null", "model.image_size=64"]),
 }
 
 

@@ -175,21 +175,63 @@ class ConchModel(nn.Module):
         ``intensity`` multiplies the normalised tensor the trunk receives: the intensity test-time
         augmentation of the authors' code, which scales its already-normalised input (method.md §7).
         """
+        return self._trunk(images, blocks, intensity, final_tokens=False)[0]
+
+    def block_features_and_tokens(self, images: Tensor, blocks: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """:meth:`block_features` and, from the same pass, the final-norm tokens of the last block
+        (B×(1+h·w)×C, class token first): what :meth:`encode_image` pools."""
+        grids, tokens = self._trunk(images, blocks, 1.0, final_tokens=True)
+        return grids, tokens
+
+    def _trunk(self, images: Tensor, blocks: Sequence[int], intensity: float,
+               final_tokens: bool) -> tuple[list[Tensor], Tensor | None]:
         depth = len(self.visual.trunk.blocks)
         wanted = sorted(set(blocks))
         if not wanted or wanted[0] < 0 or wanted[-1] >= depth:
             raise ValueError(f"CONCH blocks must be a non-empty selection of 0..{depth - 1}, got {tuple(blocks)}")
         normalised = self._normalise(images)
-        grids = self.visual.trunk.forward_intermediates(
+        out = self.visual.trunk.forward_intermediates(
             normalised if intensity == 1.0 else normalised * intensity,
             indices=wanted,
             norm=False,
-            stop_early=True,
+            stop_early=not final_tokens,
             output_fmt="NCHW",
-            intermediates_only=True,
+            intermediates_only=not final_tokens,
         )
+        tokens, grids = out if final_tokens else (None, out)
         by_block = dict(zip(wanted, grids))
-        return [by_block[b] for b in blocks]
+        return [by_block[b] for b in blocks], tokens
+
+    def encode_weighted_tokens(self, tokens: Tensor, weights: Tensor) -> Tensor:
+        """Contrastive embeddings of weighted views of token sets, without another trunk pass.
+
+        ``tokens``: P×(1+N)×C final-norm trunk tokens (:meth:`block_features_and_tokens`);
+        ``weights``: P×N non-negative weights of the patch tokens. The contrastive attentional
+        pooler attends only to patch tokens (the class token has seen the whole image), with
+        log(weight) added to its attention logits: a zero-weight token is ignored, and the
+        gradient reaches the weights. LN and projection follow as in :meth:`encode_image`.
+        """
+        pooler = self.visual.attn_pool_contrast
+        patches = pooler.ln_k(tokens[:, 1:])
+        if weights.shape != patches.shape[:2]:
+            raise ValueError(f"weights {tuple(weights.shape)} must be P×N for tokens {tuple(tokens.shape)}")
+        # The pooler's one-query attention, written out: fused attention kernels reject an additive
+        # bias of this shape in their backward pass on CUDA, and one query costs nothing explicitly.
+        attn = pooler.attn
+        heads, width = attn.num_heads, attn.embed_dim
+        q_bias, k_bias, v_bias = attn.in_proj_bias.split(width)
+        query = F.linear(pooler.ln_q(pooler.query), attn.q_proj_weight, q_bias)  # 1×E
+        keys = F.linear(patches, attn.k_proj_weight, k_bias)  # P×N×E
+        values = F.linear(patches, attn.v_proj_weight, v_bias)
+        count, length = keys.shape[:2]
+        query = query.view(1, heads, 1, width // heads)
+        keys = keys.view(count, length, heads, -1).transpose(1, 2)  # P×h×N×d
+        values = values.view(count, length, heads, -1).transpose(1, 2)
+        logits = (query @ keys.transpose(-1, -2)) * (width // heads) ** -0.5  # P×h×1×N
+        logits = logits + torch.log(weights.float().clamp_min(1e-6)).to(logits.dtype)[:, None, None, :]
+        pooled = (logits.softmax(dim=-1) @ values).transpose(1, 2).reshape(count, width)
+        pooled = attn.out_proj(pooled)
+        return F.normalize(self.visual.ln_contrast(pooled) @ self.visual.proj_contrast, dim=-1)
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         """:func:`tokenize` with the tokenizer this model was built for."""

@@ -25,6 +25,8 @@ class ConStructOutput:
     """GAP logits of each CAM level, in ``cam_levels`` order (each B×num_classes)."""
     refined: dict[int, torch.Tensor]
     """Adapter outputs per pyramid level (B×C×h×w), for every level that is computed."""
+    tokens: torch.Tensor | None = None
+    """CONCH's final-norm last-block tokens (B×(1+h·w)×C), when asked for (token views of L_sim)."""
 
 
 def resize_level(features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -85,16 +87,25 @@ class ConStructModel(nn.Module):
             raise KeyError(_describe_mismatch(missing, unexpected, shapes))
         self.load_state_dict(state, strict=False)
 
-    def pyramid(self, images: torch.Tensor, intensity: float = 1.0) -> dict[int, torch.Tensor]:
-        """Frozen CONCH block features of the CAM levels, resized to their pyramid scales.
+    def pyramid(self, images: torch.Tensor, intensity: float = 1.0,
+                with_tokens: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Frozen CONCH block features of the CAM levels, resized to their pyramid scales, and the
+        final trunk tokens when ``with_tokens`` (from the same pass, which then runs every block).
 
         ``intensity`` multiplies CONCH's normalised input (see :meth:`ConchModel.block_features`).
         """
         levels = sorted(self.adapters.keys(), key=int)
         blocks = tuple(self.feature_blocks[int(level)] for level in levels)
+        tokens = None
         with torch.no_grad():
-            grids = self.conch.block_features(images, blocks=blocks, intensity=intensity)
-        return {int(level): resize_level(grid.float(), self.level_scales[int(level)]) for level, grid in zip(levels, grids)}
+            if with_tokens:
+                if intensity != 1.0:
+                    raise ValueError("trunk tokens are only taken from plain (intensity 1.0) passes")
+                grids, tokens = self.conch.block_features_and_tokens(images, blocks=blocks)
+            else:
+                grids = self.conch.block_features(images, blocks=blocks, intensity=intensity)
+        pyramid = {int(level): resize_level(grid.float(), self.level_scales[int(level)]) for level, grid in zip(levels, grids)}
+        return pyramid, tokens
 
     def level_cam(self, refined: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarity of every position with every class (max over its prototypes)."""
@@ -102,9 +113,11 @@ class ConStructModel(nn.Module):
         sims = torch.einsum("bchw,kc->bkhw", features, F.normalize(projected, dim=-1))
         return self.prototypes.reduce_per_class(sims * self.cam_scale)
 
-    def forward(self, images: torch.Tensor, intensity: float = 1.0) -> ConStructOutput:
-        """One pass on B×3×H×W [0, 1] images; ``intensity`` ≠ 1 is intensity TTA (see :meth:`pyramid`)."""
-        refined = {level: self.adapters[str(level)](grid) for level, grid in self.pyramid(images, intensity).items()}
+    def forward(self, images: torch.Tensor, intensity: float = 1.0, with_tokens: bool = False) -> ConStructOutput:
+        """One pass on B×3×H×W [0, 1] images; ``intensity`` ≠ 1 is intensity TTA (see :meth:`pyramid`);
+        ``with_tokens`` also returns CONCH's final trunk tokens."""
+        grids, tokens = self.pyramid(images, intensity, with_tokens)
+        refined = {level: self.adapters[str(level)](grid) for level, grid in grids.items()}
         projected = self.adaptive_layer(self.prototypes())
         level_cams = [self.level_cam(refined[level], projected) for level in self.cam_levels]
         level_logits = [cam.mean(dim=(2, 3)) for cam in level_cams]
@@ -115,7 +128,7 @@ class ConStructModel(nn.Module):
             for w, cam in zip(self.cam_level_weights, level_cams)
         ) / total
         logits = sum(w * lg for w, lg in zip(self.cam_level_weights, level_logits)) / total
-        return ConStructOutput(cams=cams, logits=logits, level_logits=level_logits, refined=refined)
+        return ConStructOutput(cams=cams, logits=logits, level_logits=level_logits, refined=refined, tokens=tokens)
 
 
 def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 8) -> str:

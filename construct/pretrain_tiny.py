@@ -1,0 +1,48 @@
+"""Pretrain the testbed's tiny CONCH and tiny MiT offline, then print their premise measurements.
+
+    python -m construct.pretrain_tiny --out pretrained_models/testbed/seed0 --seed 0
+
+Writes ``pytorch_model.bin`` (tiny CONCH, official key layout), ``mit/`` (tiny MiT, Hugging Face
+folder) and ``testbed.json`` (seed, budget, premises) into ``--out``; a second run with the same
+seed reuses them. configs/demo.yaml points at these files and pretrains them on first use.
+What is trained on what, and why: construct/testbed/pretrain.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields, replace
+from pathlib import Path
+
+from construct.cli import run_cli
+from construct.errors import ConfigError
+from construct.testbed.pretrain import MANIFEST, Budget, ensure_testbed
+from construct.testbed.premises import format_premises
+
+
+def main(args: argparse.Namespace) -> None:
+    budget = Budget()
+    for text in args.budget:
+        key, sep, value = text.partition("=")
+        names = {f.name: f.type for f in fields(Budget)}
+        if not sep or key not in names:
+            raise ConfigError(f"--budget: expected KEY=VALUE with KEY one of {', '.join(names)}, got '{text}'")
+        budget = replace(budget, **{key: float(value) if names[key] in (float, "float") else int(value)})
+    manifest = ensure_testbed(args.out, args.seed, budget)
+    print(f"premises (held-out synthetic tiles; {args.out / MANIFEST}):")
+    print(format_premises(manifest["premises"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m construct.pretrain_tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the pretrained towers (created)")
+    parser.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0)")
+    parser.add_argument("--budget", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override the pretraining budget, e.g. conch_steps=20 (tests use a tiny one)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())
