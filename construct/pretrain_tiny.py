@@ -16,8 +16,8 @@ from pathlib import Path
 
 from construct.cli import run_cli
 from construct.errors import ConfigError
-from construct.testbed.pretrain import MANIFEST, Budget, ensure_testbed
 from construct.testbed.premises import format_premises
+from construct.testbed.pretrain import MANIFEST, Budget, ensure_testbed
 
 
 def main(args: argparse.Namespace) -> None:

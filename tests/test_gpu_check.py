@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from construct.bench import VARIANTS
-from construct.gpu_check.runner import Check, PartError, run_logged
 from construct.gpu_check.plan import check_config
+from construct.gpu_check.runner import Check, PartError, run_logged
 from construct.gpu_check.training import largest_batch, search_priority
 
 REPO = Path(__file__).resolve().parents[1]

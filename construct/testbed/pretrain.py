@@ -97,6 +97,15 @@ def _cosine_schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, total: int, name: str, started: float,
+          log: Callable[[str], None]) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if step % 25 == 0 or step == total - 1:
+        log(f"  {name} step {step + 1}/{total}  loss {loss.item():.3f}  ({time.perf_counter() - started:.0f} s)")
+
+
 class CaptionedImages:
     """A pool of class-pure crops and mixed tiles, sampled into augmented image–caption batches."""
 
@@ -149,11 +158,6 @@ class CaptionedImages:
         return stain_jitter(batch, self.generator), classes, captions
 
 
-def conch_image_embeddings(conch: ConchModel, images: torch.Tensor) -> torch.Tensor:
-    """The contrastive image embedding, differentiable in the weights (encode_image without the freeze)."""
-    return conch.encode_image(images)
-
-
 def symmetric_multi_positive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, positive: torch.Tensor,
                                   logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric cross-entropy with every same-class pair as a positive.
@@ -198,14 +202,9 @@ def pretrain_conch(seed: int, budget: Budget, prompts: Sequence[str] = DEFAULT_P
         ids = torch.stack([token_cache[t] for t in texts])
         keys = [tuple(sorted(c)) for c in classes]
         positive = torch.tensor([[a == b for b in keys[: len(texts)]] for a in keys])
-        loss = symmetric_multi_positive_loss(conch_image_embeddings(conch, images), conch.encode_text(ids), positive,
+        loss = symmetric_multi_positive_loss(conch.encode_image(images), conch.encode_text(ids), positive,
                                              conch.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 25 == 0 or step == budget.conch_steps - 1:
-            log(f"  CONCH step {step + 1}/{budget.conch_steps}  loss {loss.item():.3f}  "
-                f"({time.perf_counter() - started:.0f} s)")
+        _step(optimizer, loss, step, budget.conch_steps, "CONCH", started, log)
     conch.requires_grad_(False)
     return conch
 
@@ -246,12 +245,7 @@ def pretrain_teacher(seed: int, budget: Budget, log: Callable[[str], None] = pri
         labels = F.interpolate(labels.float(), size=logits.shape[-2:], mode="nearest").long()
         loss = (F.cross_entropy(logits[:, : len(FAMILIES)], labels[:, 0])
                 + F.cross_entropy(logits[:, len(FAMILIES):], labels[:, 1]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 25 == 0 or step == budget.teacher_steps - 1:
-            log(f"  MiT step {step + 1}/{budget.teacher_steps}  loss {loss.item():.3f}  "
-                f"({time.perf_counter() - started:.0f} s)")
+        _step(optimizer, loss, step, budget.teacher_steps, "MiT", started, log)
     teacher.requires_grad_(False)
     return teacher
 
