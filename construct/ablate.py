@@ -69,11 +69,9 @@ RESULT = "result.json"
 def run_one(args: argparse.Namespace, variant: str, seed: int, device) -> dict[str, Any]:
     config = variant_config(args, variant, seed)
     record_path = Path(config.work_dir) / RESULT
-    if record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("config") == config_to_dict(config):
-            print(f"{variant} seed {seed}: reusing the finished run in {config.work_dir}")
-            return record
+    if finished(args, variant, seed):
+        print(f"{variant} seed {seed}: reusing the finished run in {config.work_dir}")
+        return json.loads(record_path.read_text(encoding="utf-8"))
     started = time.time()
     result = train(config, DistInfo(device=device), overwrite=True)
     model = load_trained_model(config, Path(config.work_dir) / "best.pth", device)
@@ -86,7 +84,9 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, device) -> dict[s
         "curve": validation_curve(Path(config.work_dir)), "seconds": time.time() - started,
         "config": config_to_dict(config),
     }
-    record_path.write_text(json.dumps(record), encoding="utf-8")
+    partial = record_path.with_name(RESULT + ".tmp")  # a run killed while writing leaves no half record
+    partial.write_text(json.dumps(record), encoding="utf-8")
+    partial.replace(record_path)
     return record
 
 
@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 def finished(args: argparse.Namespace, variant: str, seed: int) -> bool:
     config = variant_config(args, variant, seed)
     path = Path(config.work_dir) / RESULT
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("config") == config_to_dict(config)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("config") == config_to_dict(config)
+    except (OSError, ValueError):
+        return False
 
 
 def run_in_parallel(args: argparse.Namespace, device) -> None:

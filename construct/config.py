@@ -470,10 +470,12 @@ def validate(config: Config, source: str) -> None:
     if config.loss.sim_checkpoint_chunk < 0:
         fail("loss.sim_checkpoint_chunk", "must be >= 0 (0 = no activation checkpointing)")
     if config.loss.sim_views == "tokens":
-        for key in ("sim_view_size", "sim_checkpoint_chunk"):
-            if getattr(config.loss, key):
-                fail(f"loss.{key}", "only applies to loss.sim_views: image (token views run no encoder pass)")
-    elif config.loss.sim_view_size is not None and (config.loss.sim_view_size <= 0 or config.loss.sim_view_size % 16):
+        if config.loss.sim_view_size is not None or config.loss.sim_checkpoint_chunk:
+            key = "sim_view_size" if config.loss.sim_view_size is not None else "sim_checkpoint_chunk"
+            fail(f"loss.{key}", "only applies to loss.sim_views: image (token views run no encoder pass)")
+    elif config.loss.sim_checkpoint_chunk and config.loss.sim_gradient == "prototypes":
+        fail("loss.sim_checkpoint_chunk", "needs loss.sim_gradient: encoder (prototype-only views keep no activations)")
+    if config.loss.sim_view_size is not None and (config.loss.sim_view_size <= 0 or config.loss.sim_view_size % 16):
         fail("loss.sim_view_size", f"must be a positive multiple of 16, got {config.loss.sim_view_size}")
     if not config.inference.tta_factors:
         fail("inference.tta_factors", "must hold at least one factor (use [1.0] for none)")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.errors import ConfigError
-from construct.losses import FgBgContrastiveLoss
+from construct.losses import FgBgContrastiveLoss, info_nce
 from construct.models.build import build_model
 from construct.models.conch import load_conch
 
@@ -143,9 +143,33 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     ("loss.sim_gradient=everything", "loss.sim_gradient"),
     ("loss.sim_view_size=112", "loss.sim_view_size"),  # token views have no view size
     ("loss.sim_max_pairs=-1", "loss.sim_max_pairs"),
+    ("loss.sim_view_size=0", "loss.sim_view_size"),
 ])
 def test_bad_sim_settings_are_one_line_errors(override, key):
     with pytest.raises(ConfigError) as error:
         load_config(RANDOM_TOWERS, ["loss.sim_views=tokens", override])
     message = str(error.value)
     assert key in message and "\n" not in message
+
+
+@pytest.mark.parametrize("views", ["tokens", "image"])
+def test_an_empty_view_is_left_out_of_its_term(views):
+    """A class whose FG mask covers the whole tile leaves nothing for its BG view: only L_fg counts."""
+    torch.manual_seed(0)
+    conch = load_conch(None, image_size=32, preset="tiny")
+    images, labels = torch.rand(1, 3, 32, 32), torch.tensor([[1.0, 0.0, 0.0]])
+    cams = torch.ones(1, 3, 2, 2)  # flat CAM: FG everywhere, soft weight 1 everywhere
+    prototypes = F.normalize(torch.randn(3, 512), dim=-1)
+    loss = FgBgContrastiveLoss(0.5, "per_class", 0.07, 8, 512, views=views).train()
+    _, tokens = conch.block_features_and_tokens(images, blocks=(3,))
+    fg_emb, _, _, non_empty = loss.embed(images, cams, labels, conch, tokens)
+    assert non_empty.tolist() == [[True], [False]]
+    value = loss(images, cams, labels, prototypes, 1, conch, tokens)
+    expected = info_nce(fg_emb, prototypes[None, :1], prototypes[None, 1:], 0.07)
+    assert torch.allclose(value, expected, atol=1e-6)
+    assert int(loss.bank.count) == 0  # no BG embedding to remember
+
+
+def test_checkpointing_needs_the_encoder_gradient():
+    with pytest.raises(ConfigError, match="loss.sim_checkpoint_chunk"):
+        load_config(RANDOM_TOWERS, ["loss.sim_views=image", "loss.sim_gradient=prototypes", "loss.sim_checkpoint_chunk=4"])

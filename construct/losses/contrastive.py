@@ -86,6 +86,8 @@ class FgBgContrastiveLoss(nn.Module):
     - L_fg: the FG embedding is pulled to its class prototype(s), pushed from the other classes'
       prototypes and from the memory bank.
     - L_bg: the BG embedding is pulled to the other classes' prototypes, pushed from its own.
+    An empty view (the FG mask covers the whole tile, so nothing is left for BG, or the CAM has no
+    positive peak) has nothing to embed and is left out of its term.
 
     How the views are embedded is configurable (method.md §6 and §9.2 for the paper's reading):
     - ``views="image"`` (the paper): the masked images go through the CONCH image encoder, at
@@ -155,13 +157,16 @@ class FgBgContrastiveLoss(nn.Module):
                           for chunk in views.split(self.checkpoint_chunk)])
 
     def embed(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, encoder: ConchModel,
-              tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """L2-normalised FG and BG embeddings (P×D each) and the class index of each pair."""
+              tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L2-normalised FG and BG embeddings (P×D each), the class index of each pair, and which
+        views are not empty (2×P booleans: FG row, BG row)."""
         if self.views == "image":
             fg_views, bg_views, class_idx = self.views_of(images, cams, labels)
             if class_idx.numel() == 0:
-                return fg_views.new_zeros(0, 1), fg_views.new_zeros(0, 1), class_idx
-            embeddings = self._encode_images(torch.cat([fg_views, bg_views]), encoder)
+                return fg_views.new_zeros(0, 1), fg_views.new_zeros(0, 1), class_idx, class_idx.new_zeros(2, 0).bool()
+            views = torch.cat([fg_views, bg_views])
+            non_empty = views.detach().flatten(1).amax(1) > 0
+            embeddings = self._encode_images(views, encoder)
         else:
             if tokens is None:
                 raise ValueError("token views need the trunk tokens of the forward pass (model(..., with_tokens=True))")
@@ -170,6 +175,7 @@ class FgBgContrastiveLoss(nn.Module):
             fg, bg = self.view_weights(cams, (side, side), batch_idx, class_idx)
             pair_tokens = tokens[batch_idx].repeat(2, 1, 1)
             weights = torch.cat([fg, bg]).flatten(1)
+            non_empty = weights.detach().amax(1) > 1e-6
             if self.gradient == "prototypes":
                 with torch.no_grad():
                     embeddings = encoder.encode_weighted_tokens(pair_tokens, weights)
@@ -177,7 +183,7 @@ class FgBgContrastiveLoss(nn.Module):
                 embeddings = encoder.encode_weighted_tokens(pair_tokens, weights)
         embeddings = F.normalize(embeddings.float(), dim=-1)
         fg_emb, bg_emb = embeddings.split(class_idx.numel())
-        return fg_emb, bg_emb, class_idx
+        return fg_emb, bg_emb, class_idx, non_empty.view(2, -1)
 
     def forward(
         self,
@@ -191,8 +197,9 @@ class FgBgContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """``prototypes``: (C·K)×D normalised, class-major; ``images`` in [0, 1]; ``tokens``: the
         forward pass's final trunk tokens (token views only)."""
-        fg_emb, bg_emb, class_idx = self.embed(images, cams, labels, encoder, tokens)
-        if class_idx.numel() == 0:
+        fg_emb, bg_emb, class_idx, non_empty = self.embed(images, cams, labels, encoder, tokens)
+        fg_ok, bg_ok = non_empty
+        if not non_empty.any():
             return cams.sum() * 0.0
         num_classes = prototypes.shape[0] // per_class
         grouped = prototypes.float().view(num_classes, per_class, -1)
@@ -200,9 +207,13 @@ class FgBgContrastiveLoss(nn.Module):
         others_mask = torch.ones(class_idx.numel(), num_classes, dtype=torch.bool, device=class_idx.device)
         others_mask[torch.arange(class_idx.numel()), class_idx] = False
         others = grouped.unsqueeze(0).expand(class_idx.numel(), -1, -1, -1)[others_mask].view(class_idx.numel(), -1, grouped.shape[-1])
-        # a copy: the push below updates the queue in place, and the backward pass needs these values
-        loss_fg = info_nce(fg_emb, own, others, self.temperature, shared_negatives=self.bank.features.clone())
-        loss_bg = info_nce(bg_emb, others, own, self.temperature)
+        terms = []
+        if fg_ok.any():
+            # a copy of the bank: the push below updates it in place, and the backward pass needs these values
+            terms.append(info_nce(fg_emb[fg_ok], own[fg_ok], others[fg_ok], self.temperature,
+                                  shared_negatives=self.bank.features.clone()))
+        if bg_ok.any():
+            terms.append(info_nce(bg_emb[bg_ok], others[bg_ok], own[bg_ok], self.temperature))
         if self.training:
-            self.bank.push(bg_emb)
-        return loss_fg + loss_bg
+            self.bank.push(bg_emb[bg_ok])
+        return sum(terms)

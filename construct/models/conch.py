@@ -208,8 +208,8 @@ class ConchModel(nn.Module):
         ``tokens``: P×(1+N)×C final-norm trunk tokens (:meth:`block_features_and_tokens`);
         ``weights``: P×N non-negative weights of the patch tokens. The contrastive attentional
         pooler attends only to patch tokens (the class token has seen the whole image), with
-        log(weight) added to its attention logits: a zero-weight token is ignored, and the
-        gradient reaches the weights. LN and projection follow as in :meth:`encode_image`.
+        log(weight) added to its attention logits: a zero-weight token is ignored (unless every
+        weight of a view is zero: then all count alike), and the gradient reaches the weights. LN and projection follow as in :meth:`encode_image`.
         """
         pooler = self.visual.attn_pool_contrast
         patches = pooler.ln_k(tokens[:, 1:])

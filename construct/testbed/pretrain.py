@@ -288,14 +288,18 @@ def ensure_testbed(folder: str | Path, seed: int, budget: Budget = Budget(), pro
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     try:
         staging.chmod(0o755)
-        conch = pretrain_conch(seed, budget, prompts, log)
-        teacher = pretrain_teacher(seed, budget, log)
+        # Pretraining seeds torch's global generator; the caller's random stream must not depend
+        # on whether the towers were cached or made now.
+        with torch.random.fork_rng(devices=[]):
+            conch = pretrain_conch(seed, budget, prompts, log)
+            teacher = pretrain_teacher(seed, budget, log)
         stage_conch, stage_teacher = tower_paths(staging)
         state = {k: v.detach().clone() for k, v in conch.state_dict().items()}
         torch.save(state, stage_conch)
         teacher.segformer.save_pretrained(stage_teacher, safe_serialization=True)
         wanted["seconds"] = round(time.perf_counter() - started, 1)
-        wanted["premises"] = measure_premises(conch, teacher, seed, prompts, budget.held_out)
+        with torch.random.fork_rng(devices=[]):
+            wanted["premises"] = measure_premises(conch, teacher, seed, prompts, budget.held_out)
         (staging / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             folder.rmdir()  # empty, checked above
