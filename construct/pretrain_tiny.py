@@ -4,7 +4,8 @@
 
 Writes ``pytorch_model.bin`` (tiny CONCH, official key layout), ``mit/`` (tiny MiT, Hugging Face
 folder) and ``testbed.json`` (seed, budget, premises) into ``--out``; a second run with the same
-seed reuses them. configs/demo.yaml points at these files and pretrains them on first use.
+seed reuses them. configs/demo.yaml points at these files and pretrains them on first use (with
+the default budget: a folder made with --budget overrides is not the one the demo expects).
 What is trained on what, and why: construct/testbed/pretrain.py.
 """
 
@@ -27,7 +28,10 @@ def main(args: argparse.Namespace) -> None:
         names = {f.name: f.type for f in fields(Budget)}
         if not sep or key not in names:
             raise ConfigError(f"--budget: expected KEY=VALUE with KEY one of {', '.join(names)}, got '{text}'")
-        budget = replace(budget, **{key: float(value) if names[key] in (float, "float") else int(value)})
+        try:
+            budget = replace(budget, **{key: float(value) if names[key] in (float, "float") else int(value)})
+        except ValueError:
+            raise ConfigError(f"--budget: '{value}' is not a number for {key}") from None
     manifest = ensure_testbed(args.out, args.seed, budget)
     print(f"premises (held-out synthetic tiles; {args.out / MANIFEST}):")
     print(format_premises(manifest["premises"]))
