@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from construct.constants import NUM_CLASSES
+from construct.data.datasets import to_tensor
 from construct.data.synthetic import STYLES, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
-from construct.testbed.pretrain import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, _rng, _to_tensor
+from construct.testbed.pretrain import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
 
 STYLE_OFFSET = {"default": 0, "variant": 500_000}
 
@@ -36,7 +37,7 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
 
 def pure_tiles(seed: int, style: str = "default", per_class: int = 12, size: int = 224) -> list[torch.Tensor]:
     """Class-pure held-out tiles: one per_class×3×size×size batch per tissue class."""
-    return [torch.stack([_to_tensor(paint(_rng(seed, HELD_OUT_PURE_TAG, STYLE_OFFSET[style] + cls * 1000 + i),
+    return [torch.stack([to_tensor(paint(tagged_rng(seed, HELD_OUT_PURE_TAG, STYLE_OFFSET[style] + cls * 1000 + i),
                                           np.full((size, size), cls, np.uint8), STYLES[style]))
                          for i in range(per_class)]) for cls in range(NUM_CLASSES)]
 
@@ -53,8 +54,8 @@ def held_out_tiles(seed: int, count: int, style: str = "default") -> list[tuple[
     """Mixed tiles (image 3×224×224 in [0, 1], mask 224×224) no other code path draws."""
     tiles = []
     for i in range(count):
-        image, mask = make_tile(_rng(seed, HELD_OUT_MIXED_TAG, STYLE_OFFSET[style] + i), 224, STYLES[style])
-        tiles.append((_to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
+        image, mask = make_tile(tagged_rng(seed, HELD_OUT_MIXED_TAG, STYLE_OFFSET[style] + i), 224, STYLES[style])
+        tiles.append((to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
     return tiles
 
 

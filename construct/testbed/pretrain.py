@@ -38,6 +38,7 @@ from torch import nn
 
 from construct.config import DEFAULT_PROMPTS
 from construct.constants import BACKGROUND_INDEX, NUM_CLASSES
+from construct.data.datasets import to_tensor
 from construct.data.synthetic import STYLES, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
@@ -83,12 +84,9 @@ def tower_paths(folder: str | Path) -> tuple[Path, Path]:
     return folder / CONCH_FILE, folder / TEACHER_FOLDER
 
 
-def _rng(seed: int, tag: int, index: int) -> np.random.Generator:
+def tagged_rng(seed: int, tag: int, index: int) -> np.random.Generator:
+    """The generator of image ``index`` of one use (``tag``): tags 0–2 are the BCSS-format splits'."""
     return np.random.default_rng([seed, tag, index])
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
 
 
 def _cosine_schedule(step: int, total: int, warmup: int) -> float:
@@ -113,12 +111,12 @@ class CaptionedImages:
         style = STYLES["default"]
         self.prompts = list(prompts)
         self.budget = budget
-        self.pure = [[_to_tensor(paint(_rng(seed, PURE_TAG, c * 10_000 + i), np.full((PURE_SIZE, PURE_SIZE), c, np.uint8), style))
+        self.pure = [[to_tensor(paint(tagged_rng(seed, PURE_TAG, c * 10_000 + i), np.full((PURE_SIZE, PURE_SIZE), c, np.uint8), style))
                       for i in range(budget.pure_per_class)] for c in range(NUM_CLASSES + 1)]
         self.mixed = []
         for i in range(budget.mixed_tiles):
-            image, mask = make_tile(_rng(seed, MIXED_TAG, i), 224, style)
-            self.mixed.append((_to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
+            image, mask = make_tile(tagged_rng(seed, MIXED_TAG, i), 224, style)
+            self.mixed.append((to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
         self.rng = np.random.default_rng([seed, 99])
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -236,9 +234,9 @@ def pretrain_teacher(seed: int, budget: Budget, log: Callable[[str], None] = pri
     for step in range(budget.teacher_steps):
         for group in optimizer.param_groups:
             group["lr"] = budget.lr * 2 * _cosine_schedule(step, budget.teacher_steps, warmup)
-        drawn = [make_texture_image(_rng(seed, TEXTURE_TAG, step * budget.teacher_batch + i), budget.teacher_size)
+        drawn = [make_texture_image(tagged_rng(seed, TEXTURE_TAG, step * budget.teacher_batch + i), budget.teacher_size)
                  for i in range(budget.teacher_batch)]
-        images = torch.stack([_to_tensor(image) for image, _, _ in drawn])
+        images = torch.stack([to_tensor(image) for image, _, _ in drawn])
         labels = torch.stack([torch.from_numpy(np.stack([family, hue])) for _, family, hue in drawn])
         stages = encoder((images - teacher.mean) / teacher.std, output_hidden_states=True, return_dict=True).hidden_states
         logits = head(stages)
