@@ -17,13 +17,13 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m construct.demo
+	$(PY) -m construct.tools.demo
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m construct.bench
+	$(PY) -m construct.tools.bench
 
 gpu-wheels:
 	rm -rf .whl

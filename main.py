@@ -8,6 +8,7 @@ from construct.cli import add_device_arguments, resolve_device, run_cli
 from construct.config import load_config
 from construct.engine.distributed import cleanup, init_distributed
 from construct.engine.trainer import train
+from construct.tools.prepare import prepare_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def main(args: argparse.Namespace) -> None:
         resume = f"{config.work_dir}/latest.pth"
     dist_info = init_distributed(resolve_device(args))
     try:
+        prepare_inputs(config, dist_info)
         result = train(config, dist_info, resume=resume, overwrite=args.overwrite)
     finally:
         cleanup(dist_info)

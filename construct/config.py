@@ -41,7 +41,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 PAPER_SIM_OVERRIDES: tuple[str, ...] = ("loss.sim_views=image", "loss.sim_view_size=null", "loss.sim_max_pairs=0",
                                         "loss.sim_gradient=encoder")
 """The paper's L_sim as --opts: masked image views through CONCH at full size, every pair, gradient
-through the encoder (construct.bench and construct.ablate compare it with the default)."""
+through the encoder (construct.tools.bench and construct.tools.ablate compare it with the default)."""
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ModelConfig:
     testbed_seed: int | None = None
     """When set, model.conch.checkpoint and model.teacher.checkpoint are the testbed's tiny towers
     (<folder>/pytorch_model.bin and <folder>/mit), pretrained offline with this seed on first use
-    (python -m construct.pretrain_tiny); null = weights you provide, or random ones."""
+    (python -m construct.tools.pretrain_tiny); null = weights you provide, or random ones."""
     conch: ConchConfig = field(default_factory=ConchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from construct.ablate import build_parser, main
+from construct.tools.ablate import build_parser, main
 from construct.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
 
     table = (out / "ablation.md").read_text()
     assert "| cls | 0 |" in table and "| full | 0 |" in table
-    assert "Mean ± std over seeds" in table and "Command: `python -m construct.ablate" in table
+    assert "Mean ± std over seeds" in table and "Command: `python -m construct.tools.ablate" in table
     assert "Test metrics with TTA intensity ×[1.0] + flip (2 passes) and dense CRF" in table
     assert (out / "curves.png").stat().st_size > 10_000
     runs = json.loads((out / "ablation.json").read_text())

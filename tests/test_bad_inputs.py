@@ -24,7 +24,7 @@ from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
 from construct.data.synthetic import generate_dataset
 from construct.data.synthetic_slide import write_synthetic_slide
-from construct.engine.checkpoint import FORMAT
+from construct.checkpoint import FORMAT
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError

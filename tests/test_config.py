@@ -158,6 +158,6 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_config_reference_is_current():
-    from construct.config_reference import OUTPUT, render
+    from construct.tools.config_reference import OUTPUT, render
 
-    assert OUTPUT.read_text(encoding="utf-8") == render(), "run: python -m construct.config_reference"
+    assert OUTPUT.read_text(encoding="utf-8") == render(), "run: python -m construct.tools.config_reference"

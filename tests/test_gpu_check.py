@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from construct.bench import VARIANTS
-from construct.gpu_check.plan import check_config
-from construct.gpu_check.runner import Check, PartError, run_logged
-from construct.gpu_check.training import largest_batch, search_priority
+from construct.tools.bench import VARIANTS
+from construct.tools.gpu_check.plan import check_config
+from construct.tools.gpu_check.runner import Check, PartError, run_logged
+from construct.tools.gpu_check.training import largest_batch, search_priority
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "construct.gpu_check", *args], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "construct.tools.gpu_check", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from construct.data.synthetic import generate_dataset
-from construct.engine.checkpoint import load_checkpoint
+from construct.checkpoint import load_checkpoint
 from construct.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
 from construct.config import load_config
 from construct.data.synthetic import generate_dataset
-from construct.engine.checkpoint import load_checkpoint
+from construct.checkpoint import load_checkpoint
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from construct.config import Config, config_to_dict, save_config
 from construct.data.datasets import EvalDataset, TrainDataset
-from construct.engine.checkpoint import backbone_identity, check_backbones, load_checkpoint, save_checkpoint
+from construct.checkpoint import backbone_identity, check_backbones, load_checkpoint, save_checkpoint
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.objective import ConStructObjective
@@ -105,22 +105,6 @@ class JsonlLogger:
             self.tensorboard.close()
 
 
-def prepare_inputs(config: Config, dist_info: DistInfo) -> None:
-    """Generate the configured synthetic dataset and pretrain the testbed towers, if either is missing."""
-    synthetic = config.data.synthetic
-    if synthetic is not None and dist_info.is_main:
-        from construct.data.synthetic import generate_dataset
-
-        generate_dataset(config.data.root, synthetic.train, synthetic.val, synthetic.test, synthetic.seed,
-                         size=config.model.image_size, style=synthetic.style)
-    if config.model.testbed_seed is not None and dist_info.is_main:
-        from construct.testbed.pretrain import ensure_testbed
-
-        ensure_testbed(Path(config.model.conch.checkpoint).parent, config.model.testbed_seed,
-                       prompts=config.model.prompts)
-    barrier(dist_info)
-
-
 def train(
     config: Config,
     dist_info: DistInfo,
@@ -137,7 +121,6 @@ def train(
         if checkpoint is None:
             (work_dir / "log.jsonl").unlink(missing_ok=True)
 
-    prepare_inputs(config, dist_info)
     train_set = TrainDataset(config.data.root, augment=False)
     val_set = EvalDataset(config.data.root, config.data.val_split)
     train_cfg = config.train

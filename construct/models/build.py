@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from construct.config import Config
-from construct.engine.checkpoint import backbone_identity, check_backbones, load_checkpoint
+from construct.checkpoint import backbone_identity, check_backbones, load_checkpoint
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch, tokenize
 from construct.models.construct import ConStructModel

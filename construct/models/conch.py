@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from construct.constants import CLIP_MEAN, CLIP_STD
-from construct.engine.checkpoint import read_weight_file
+from construct.checkpoint import read_weight_file
 from construct.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import SegformerConfig, SegformerModel
 
 from construct.constants import IMAGENET_MEAN, IMAGENET_STD
-from construct.engine.checkpoint import read_weight_file
+from construct.checkpoint import read_weight_file
 from construct.errors import CheckpointError, ConfigError
 
 _ARCH_FIELDS = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios")

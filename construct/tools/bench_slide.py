@@ -1,7 +1,7 @@
 """Peak memory and speed of whole-slide prediction on synthetic slides of several sizes, in docs/benchmarks.md.
 
-    python -m construct.bench_slide                               # slides of 12000², 6000², 3000² px, CPU
-    python -m construct.bench_slide --sizes 20000,10000 --regions 4096 --no-write
+    python -m construct.tools.bench_slide                               # slides of 12000², 6000², 3000² px, CPU
+    python -m construct.tools.bench_slide --sizes 20000,10000 --regions 4096 --no-write
 
 Each slide size is written as a tiled pyramidal TIFF at 0.25 µm/px (:mod:`construct.data.synthetic_slide`,
 ~44% tissue) and predicted by ``predict_slide`` in its own process; each region size is an
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPORT = REPO / "docs" / "benchmarks.md"
 HEADING = "Whole slides (CPU"
 MPP = 0.25
@@ -111,7 +111,7 @@ def resident_bytes(pids: list[int]) -> int:
 
 def run_measured(child_args: list[str], workers: int) -> dict[str, Any]:
     """Run a child mode while sampling its process tree's resident memory; adds the peak and the time."""
-    command = [sys.executable, "-m", "construct.bench_slide", *child_args, "--workers", str(workers)]
+    command = [sys.executable, "-m", "construct.tools.bench_slide", *child_args, "--workers", str(workers)]
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         regions.append(run_measured(["--child-region", str(side)], args.workers))
         print(f"  peak {regions[-1]['tree_peak_mib']:.0f} MiB, {regions[-1]['wall_seconds']:.0f} s", flush=True)
     loads.append(load_average())
-    command = "python -m construct.bench_slide"
+    command = "python -m construct.tools.bench_slide"
     if args.sizes != DEFAULT_SIZES or args.regions != DEFAULT_REGIONS:
         command += f" --sizes {args.sizes} --regions {args.regions}"
     section = render_section(slides, regions, args.workers, command, tuple(loads))

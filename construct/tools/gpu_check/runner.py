@@ -33,8 +33,8 @@ import torch
 
 from construct.cli import add_device_arguments, resolve_device, run_cli
 from construct.errors import ConStructError
-from construct.gpu_check.plan import CONFIGS, REPO, Plan, check_config, nccl_version, usable_cpus, write_json
-from construct.gpu_check.report import projection, render_markdown
+from construct.tools.gpu_check.plan import CONFIGS, REPO, Plan, check_config, nccl_version, usable_cpus, write_json
+from construct.tools.gpu_check.report import projection, render_markdown
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _driver_version() -> str | None:
 
 def describe_environment(device: torch.device) -> dict[str, Any]:
     """GPU, versions, CPU cores; fails (after recording all of it) when a dependency does not import."""
-    from construct.bench import machine_description
+    from construct.tools.bench import machine_description
 
     env: dict[str, Any] = {
         "machine": machine_description(device), "python": platform.python_version(), "torch": torch.__version__,
@@ -218,8 +218,8 @@ class Check:
         self.data_process: subprocess.Popen | None = None
         self.data_started = 0.0
         self.report: dict[str, Any] = {
-            "check": "construct.gpu_check", "version": 1, "date": datetime.date.today().isoformat(),
-            "command": "python -m construct.gpu_check " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+            "check": "construct.tools.gpu_check", "version": 1, "date": datetime.date.today().isoformat(),
+            "command": "python -m construct.tools.gpu_check " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
             "dry_run": self.dry_run, "device": str(device), "budget_s": self.budget, "parts": {},
         }
 
@@ -271,7 +271,7 @@ class Check:
         plan.write(plan_path)
         result_path = Path(plan.result_path)
         result_path.unlink(missing_ok=True)
-        command = [*(launcher or [sys.executable, "-m"]), "construct.gpu_check", "--child", name, "--plan", str(plan_path)]
+        command = [*(launcher or [sys.executable, "-m"]), "construct.tools.gpu_check", "--child", name, "--plan", str(plan_path)]
         try:
             run_logged(command, self.logs / f"{name}.log", limit, self.env)
         except PartError as exc:
@@ -425,8 +425,8 @@ class Check:
 
 
 def _run_child(name: str, plan_path: str) -> None:
-    from construct.gpu_check.evaluation import run_evaluation
-    from construct.gpu_check.training import run_ddp, run_training_bench
+    from construct.tools.gpu_check.evaluation import run_evaluation
+    from construct.tools.gpu_check.training import run_ddp, run_training_bench
 
     children = {"train_bench": run_training_bench, "eval": run_evaluation, "torchrun": run_ddp}
     sys.exit(0 if children[name](Plan.read(plan_path)) else 1)
@@ -434,8 +434,8 @@ def _run_child(name: str, plan_path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m construct.gpu_check",
-        description=(sys.modules["construct.gpu_check"].__doc__ or "").strip(),
+        prog="python -m construct.tools.gpu_check",
+        description=(sys.modules["construct.tools.gpu_check"].__doc__ or "").strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="work_dirs/gpu_check",

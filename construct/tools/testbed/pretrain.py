@@ -8,7 +8,7 @@
   classes are all positives of each other (with only five classes, most of a batch would
   otherwise be false negatives). Saved as ``pytorch_model.bin`` with the official keys
   (``visual.*``, ``text.*``, ``logit_scale``).
-- Tiny MiT: dense texture-family labelling of random-colour images (construct.testbed.textures),
+- Tiny MiT: dense texture-family labelling of random-colour images (construct.tools.testbed.textures),
   a task that shares nothing with the four tissue classes, as ImageNet shares nothing with BCSS.
   Saved as a Hugging Face folder (``config.json`` + ``model.safetensors``).
 
@@ -43,16 +43,16 @@ from construct.data.synthetic import STYLES, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
-from construct.testbed.augment import stain_jitter
-from construct.testbed.captions import caption
-from construct.testbed.textures import FAMILIES, HUE_BANDS, make_texture_image
+from construct.tools.testbed.augment import stain_jitter
+from construct.tools.testbed.captions import caption
+from construct.tools.testbed.premises import measure_premises
+from construct.tools.testbed.seeds import MIXED_TAG, PURE_TAG, TEXTURE_TAG, tagged_rng
+from construct.tools.testbed.textures import FAMILIES, HUE_BANDS, make_texture_image
 
 VERSION = 1
 CONCH_FILE = "pytorch_model.bin"
 TEACHER_FOLDER = "mit"
 MANIFEST = "testbed.json"
-# Generator seed tags: the BCSS-format splits use 0 (train), 1 (val), 2 (test).
-PURE_TAG, MIXED_TAG, TEXTURE_TAG, HELD_OUT_PURE_TAG, HELD_OUT_MIXED_TAG = 10, 11, 12, 13, 14
 PURE_SIZE = 144
 """Class-pure crops are drawn larger than the training crop so that scale augmentation can zoom out."""
 MIN_AREA = 0.08
@@ -82,11 +82,6 @@ def tower_paths(folder: str | Path) -> tuple[Path, Path]:
     """(CONCH weight file, MiT Hugging Face folder) of a testbed folder."""
     folder = Path(folder)
     return folder / CONCH_FILE, folder / TEACHER_FOLDER
-
-
-def tagged_rng(seed: int, tag: int, index: int) -> np.random.Generator:
-    """The generator of image ``index`` of one use (``tag``): tags 0–2 are the BCSS-format splits'."""
-    return np.random.default_rng([seed, tag, index])
 
 
 def _cosine_schedule(step: int, total: int, warmup: int) -> float:
@@ -249,7 +244,7 @@ def pretrain_teacher(seed: int, budget: Budget, log: Callable[[str], None] = pri
 
 
 def _manifest(seed: int, budget: Budget, prompts: Sequence[str]) -> dict[str, Any]:
-    return {"generator": "construct.testbed", "version": VERSION, "seed": seed, "budget": asdict(budget),
+    return {"generator": "construct.tools.testbed", "version": VERSION, "seed": seed, "budget": asdict(budget),
             "prompts": list(prompts)}
 
 
@@ -268,8 +263,6 @@ def ensure_testbed(folder: str | Path, seed: int, budget: Budget = Budget(), pro
     Returns the manifest, which records what was trained and the premise measurements. A folder
     holding anything else is refused rather than overwritten.
     """
-    from construct.testbed.premises import measure_premises  # premises build on this module
-
     folder = Path(folder)
     wanted = _manifest(seed, budget, prompts)
     found = read_manifest(folder)

@@ -15,7 +15,7 @@ import torch
 
 from construct.config import Config, load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # The config file main.py and the children run, and the overrides that make it run offline:
 # real-size random towers (the GPU check) or the demo's tiny towers on 64-px tiles (the CPU dry run).

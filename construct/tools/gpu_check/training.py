@@ -1,7 +1,7 @@
 """GPU-check children that train: step throughput and peak memory of every bench variant, and DDP.
 
-Both reuse construct.bench's objective, random batch and step, so they time exactly what
-``python -m construct.bench`` times.
+Both reuse construct.tools.bench's objective, random batch and step, so they time exactly what
+``python -m construct.tools.bench`` times.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from construct.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
+from construct.tools.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
 from construct.config import config_to_dict
-from construct.gpu_check.plan import Plan, check_config, nccl_version, reserved_memory_mib, reset_peak_memory
+from construct.tools.gpu_check.plan import Plan, check_config, nccl_version, reserved_memory_mib, reset_peak_memory
 
 
 def largest_batch(peak_mib: Callable[[int], float | None], limit_mib: float, known: dict[int, float],

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from construct.bench import synchronize
+from construct.tools.bench import synchronize
 from construct.config import config_to_dict
-from construct.gpu_check.plan import Plan, check_config
+from construct.tools.gpu_check.plan import Plan, check_config
 
 
 def run_evaluation(plan: Plan) -> bool:

@@ -2,11 +2,12 @@
 
 Each key's line comes from its type annotation, its default and the docstring that follows the
 field in construct/config.py, so the reference cannot drift from the code (a test checks it).
-Run ``python -m construct.config_reference`` to rewrite docs/config.md.
+Run ``python -m construct.tools.config_reference`` to rewrite docs/config.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from construct import config as config_module
 
-OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -68,7 +69,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from `construct/config.py` by `python -m construct.config_reference`; do not edit by hand.",
+        "Generated from `construct/config.py` by `python -m construct.tools.config_reference`; do not edit by hand.",
         "Every key is read by the code; an unknown key is an error. Override any key on the command line",
         "with `--opts key=value` (values parsed as YAML). A config may start with `_base_: other.yaml`",
         "to inherit another file and change only some keys.",
@@ -81,11 +82,20 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=f"Regenerate the config reference ({OUTPUT.relative_to(OUTPUT.parents[1])}) from the config dataclasses.")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    args = parser.parse_args(argv)
+    if args.check:
+        current = OUTPUT.is_file() and OUTPUT.read_text(encoding="utf-8") == render()
+        print(f"{OUTPUT}: {'up to date' if current else 'out of date (run python -m construct.tools.config_reference)'}")
+        return 0 if current else 1
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(render(), encoding="utf-8")
     print(f"wrote {OUTPUT}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,13 +1,13 @@
 """One prepared GPU check: the real-size model on one GPU in about five minutes, offline.
 
     bash scripts/gpu_check.sh                  # on a bare GPU machine: installs .whl/, runs the check
-    python -m construct.gpu_check              # the check alone (dependencies already installed)
-    python -m construct.gpu_check --dry-run    # tiny towers on the CPU: what the test suite runs
+    python -m construct.tools.gpu_check              # the check alone (dependencies already installed)
+    python -m construct.tools.gpu_check --dry-run    # tiny towers on the CPU: what the test suite runs
 
 Parts, each with a time cap (a failed part is recorded and the next one runs):
 
 1. environment: GPU, its memory, torch/CUDA/cuDNN/NCCL versions, CPU cores, package versions;
-2. training throughput of every ``construct.bench.VARIANTS`` entry with real-size random towers
+2. training throughput of every ``construct.tools.bench.VARIANTS`` entry with real-size random towers
    and bf16 autocast, at batch 10 and at the largest batch whose peak memory stays within
    ``--memory-gib`` (8 GiB);
 3. ``main.py`` on generated synthetic tiles (``python -m construct.data.synthetic``) at real size:

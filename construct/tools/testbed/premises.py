@@ -26,7 +26,7 @@ from construct.data.synthetic import STYLES, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
-from construct.testbed.pretrain import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
+from construct.tools.testbed.seeds import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
 
 STYLE_OFFSET = {"default": 0, "variant": 500_000}
 

@@ -1,0 +1,131 @@
+"""The package layout is the architecture: the method's layers import downwards only, the tools sit
+on top, there are no import circles, and every command-line entry point answers ``--help``."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "construct"
+
+# Layers that must not reach up into the training engine or the applications.
+LOWER_LAYERS = ("construct.models", "construct.data", "construct.losses", "construct.inference")
+UPPER_LAYERS = ("construct.engine", "construct.tools")
+
+ENTRY_POINTS = [
+    ["main.py"],
+    ["visualization_utils/evaluate_performance.py"],
+    ["visualization_utils/generate_cam.py"],
+    ["visualization_utils/visualize_prototypes.py"],
+    ["visualization_utils/predict_slide.py"],
+    ["-m", "construct.data.synthetic"],
+    ["-m", "construct.data.synthetic_slide"],
+    ["-m", "construct.tools.ablate"],
+    ["-m", "construct.tools.bench"],
+    ["-m", "construct.tools.bench_slide"],
+    ["-m", "construct.tools.demo"],
+    ["-m", "construct.tools.pretrain_tiny"],
+    ["-m", "construct.tools.config_reference"],
+    ["-m", "construct.tools.gpu_check"],
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """Every construct module ``path`` imports, deferred (function-level) imports included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # ``from construct.x import y`` may name a submodule y or a symbol of x
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name.startswith("construct"):
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    known = {module_name(p) for p in paths}
+    graph = {module_name(p): imported_modules(p, known) for p in paths}
+    for name, targets in graph.items():
+        # a package's __init__ importing its own submodules is not a layering fact
+        targets.discard(name)
+        targets -= {t for t in targets if t == "construct"}
+    return graph
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_lower_layers_never_import_engine_or_tools() -> None:
+    offending = [f"{src} -> {dst}" for src, dsts in import_graph().items() for dst in dsts
+                 if any(within(src, low) for low in LOWER_LAYERS) and any(within(dst, up) for up in UPPER_LAYERS)]
+    assert offending == []
+
+
+def test_library_never_imports_tools() -> None:
+    offending = [f"{src} -> {dst}" for src, dsts in import_graph().items() for dst in dsts
+                 if not within(src, "construct.tools") and within(dst, "construct.tools")]
+    assert offending == []
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle() -> None:
+    # An import of a package stands for the submodules its __init__ re-exports, so a child that
+    # imports a sibling through the package is not counted as a circle through __init__.
+    graph = import_graph()
+    packages = {name for name in graph if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()}
+    resolved = {src: {t for d in dsts for t in (graph[d] if d in packages else {d}) if t != src}
+                for src, dsts in graph.items() if src not in packages}
+    assert find_cycle(resolved) is None
+
+
+def test_cycle_finder_finds_a_circle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS, ids=lambda c: c[-1])
+def test_entry_point_help(command: list[str]) -> None:
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.lstrip().startswith("usage:")
+    assert len(result.stdout.splitlines()) > 3
