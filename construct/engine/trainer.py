@@ -54,9 +54,22 @@ def parameter_report(groups: dict[str, list[torch.nn.Parameter]]) -> str:
     return "parameters:\n" + "\n".join(rows)
 
 
-def poly_lambda(total_iterations: int, power: float) -> Callable[[int], float]:
-    """Poly decay without warm-up: lr_t = lr_0 · (1 − t/T)^power."""
-    return lambda step: max(0.0, 1.0 - step / max(total_iterations, 1)) ** power
+def poly_lambda(total_iterations: int, power: float, warmup_iters: int = 0,
+                warmup_ratio: float = 1e-6) -> Callable[[int], float]:
+    """Poly decay lr_t = lr_0 · (1 − t/T)^power, after an optional linear warm-up of W iterations.
+
+    The warm-up has the released code's form: the multiplier rises linearly from ``warmup_ratio`` at
+    t = 0 towards 1, and the decay then runs as (1 − (t − W)/T)^power (T, not T − W, in the
+    denominator). W = 0 is the plain poly decay.
+    """
+    total = max(total_iterations, 1)
+
+    def multiplier(step: int) -> float:
+        if step < warmup_iters:
+            return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+        return max(0.0, 1.0 - (step - warmup_iters) / total) ** power
+
+    return multiplier
 
 
 def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> None:
@@ -154,7 +167,8 @@ def train(
     total_iterations = iterations_per_epoch * train_cfg.epochs
     if train_cfg.max_iters is not None:
         total_iterations = min(total_iterations, train_cfg.max_iters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power,
+                                                                          train_cfg.warmup_iters, train_cfg.warmup_ratio))
 
     identity = backbone_identity(model.conch, teacher, config.model.conch.checkpoint, config.model.teacher.checkpoint)
     iteration = 0

@@ -28,7 +28,8 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
         out = model(images)
         predicted = presence_from_logits(out.logits, inference.presence_gate)
         presence = select_presence(inference.presence, out.logits, inference.presence_gate, truth)
-        probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power)
+        probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power,
+                                  align_corners=inference.upsample_align_corners)
         confusion.update(probs.argmax(dim=1), masks)
         correct += int((predicted == truth).sum())
         total += truth.numel()

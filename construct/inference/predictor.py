@@ -59,7 +59,7 @@ class Predictor:
         self.config = config
         self.device = device
         self.inference = config.inference
-        self.tta = TtaSettings.from_config(self.inference) if tta else TtaSettings("off")
+        self.tta = TtaSettings.from_config(self.inference, enabled=tta)
         self.crf = CrfPool(self.inference.crf, workers) if crf else None
 
     @property
@@ -89,12 +89,15 @@ class Predictor:
                     presence_gt: torch.Tensor | None = None) -> list[Prediction]:
         """Gate, normalise and upsample :meth:`network` output, add background, refine with the CRF, argmax."""
         presence = select_presence(protocol, logits, self.inference.presence_gate, presence_gt)
-        probs = cam_probabilities(cams, presence, tuple(images.shape[-2:]), self.inference.background_power)
+        probs = cam_probabilities(cams, presence, tuple(images.shape[-2:]), self.inference.background_power,
+                                  normalized=self.tta.normalize_each,
+                                  align_corners=self.inference.upsample_align_corners)
         probs_np = list(probs.cpu().numpy())
         if self.crf is None:
             masks = [p.argmax(axis=0).astype(np.uint8) for p in probs_np]
         else:
-            masks = self.crf(to_uint8_images(images), probs_np)
+            unary = probs.softmax(dim=1) if self.inference.crf_softmax else probs
+            masks = self.crf(to_uint8_images(images), list(unary.cpu().numpy()))
         scores = torch.sigmoid(logits.float()).cpu().numpy()
         presence_np = presence.cpu().numpy()
         return [Prediction(mask=m, probs=p, presence=pr, scores=s, protocol=protocol)
