@@ -205,7 +205,13 @@ class TrainConfig:
     seed: int = 42
     """Seeds data order, augmentation and random (checkpoint-less) backbones."""
     mixed_precision: bool = True
-    """bf16 autocast on CUDA (CPU always runs fp32)."""
+    """Autocast on CUDA in autocast_dtype (CPU always runs fp32)."""
+    autocast_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    """Mixed-precision type of training on CUDA. float16 (the released code's torch.cuda.amp) also
+    scales the loss with a GradScaler, which skips steps whose gradients overflow."""
+    validation: Literal["fast", "full"] = "fast"
+    """Validation during training (it picks best.pth): 'fast' = one plain pass, no CRF; 'full' = the
+    inference pipeline of this config (TTA, CRF, inference.presence), as the released code validates."""
     eval_interval: int = 0
     """Validate every N iterations; 0 = once per epoch."""
     checkpoint_interval: int = 0
@@ -278,6 +284,12 @@ class InferenceConfig:
     """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
     batch_size: int = 16
     """Images per forward pass at inference and validation."""
+    mixed_precision: bool = True
+    """bf16 autocast for inference on CUDA; false = fp32 (the released code evaluates in fp32)."""
+    crf_image: Literal["exact", "denormalized"] = "exact"
+    """Pixels the CRF's appearance kernel compares: the tile's own uint8 values, or (the released code)
+    values rebuilt from the dataset-normalised tensor (model.conch.dataset_mean/std) and truncated,
+    so float error leaves many of them one level lower."""
     slide: SlideConfig = field(default_factory=SlideConfig)
 
 

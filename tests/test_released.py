@@ -235,3 +235,58 @@ def test_default_config_keeps_paper_semantics():
     assert config.loss.sim_gradient == "encoder" and config.train.warmup_iters == 0
     inference = copy.deepcopy(config.inference)
     assert (inference.cam_normalization, inference.upsample_align_corners, inference.crf_softmax) == ("after_tta", False, False)
+
+
+def test_fp16_training_scales_the_loss_and_bf16_does_not():
+    from construct.engine.trainer import mixed_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert mixed_precision(tiny_config().train, cuda) == (True, torch.float16, True)
+    assert mixed_precision(load_config(REPO / "configs" / "bcss.yaml").train, cuda) == (True, torch.bfloat16, False)
+    assert mixed_precision(tiny_config().train, cpu) == (False, torch.float16, False)
+
+
+def test_inference_precision_switch():
+    from construct.inference.predictor import inference_autocast
+
+    cuda = torch.device("cuda")
+    assert not inference_autocast(cuda, tiny_config().inference)
+    assert inference_autocast(cuda, load_config(REPO / "configs" / "bcss.yaml").inference)
+    assert not inference_autocast(torch.device("cpu"), load_config(REPO / "configs" / "bcss.yaml").inference)
+
+
+def test_full_validation_runs_tta_and_the_crf(data_root, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from construct.engine.validate import validate
+
+    calls = []
+    original = Predictor.postprocess
+
+    def spy(self, *args, **kwargs):
+        calls.append((self.tta.forward_passes, self.uses_crf))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "postprocess", spy)
+    loader = DataLoader(EvalDataset(data_root, "val"), batch_size=2)
+    for mode, expected in (("full", [(6, True)]), ("fast", [])):
+        calls.clear()
+        config = tiny_config(f"train.validation={mode}", "inference.crf.enabled=true")
+        model = build_model(config)
+        model.train()
+        metrics = validate(model, loader, config, torch.device("cpu"))
+        assert calls == expected and model.training and 0.0 <= metrics["miou"] <= 100.0
+
+
+def test_crf_image_denormalized_truncates_like_the_released_loader():
+    images, _ = batch(2)
+    images = (images * 255).round() / 255
+    exact_config, released_config = tiny_config("inference.crf_image=exact"), tiny_config()
+    model = build_model(exact_config)
+    with Predictor(model, exact_config, torch.device("cpu"), tta=False, crf=False) as exact, \
+            Predictor(model, released_config, torch.device("cpu"), tta=False, crf=False) as released:
+        rounded = np.stack(exact.crf_images(images)).astype(int)
+        truncated = np.stack(released.crf_images(images)).astype(int)
+    assert np.array_equal(rounded, (images * 255).round().permute(0, 2, 3, 1).numpy().astype(int))
+    difference = rounded - truncated
+    assert difference.min() == 0 and difference.max() == 1 and 0.05 < difference.mean() < 0.95

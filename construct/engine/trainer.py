@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from construct.config import Config, config_to_dict, save_config
+from construct.config import Config, TrainConfig, config_to_dict, save_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.checkpoint import backbone_identity, check_backbones, load_checkpoint, save_checkpoint
 from construct.engine.data import ResumableSampler, SeededAugmentation
@@ -70,6 +70,14 @@ def poly_lambda(total_iterations: int, power: float, warmup_iters: int = 0,
         return max(0.0, 1.0 - (step - warmup_iters) / total) ** power
 
     return multiplier
+
+
+def mixed_precision(train_cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+    """(autocast on, its dtype, loss scaling on) for training on ``device``: autocast only on CUDA;
+    fp16 needs loss scaling (the released code's GradScaler), bf16 has fp32's range and does not."""
+    enabled = train_cfg.mixed_precision and device.type == "cuda"
+    dtype = getattr(torch, train_cfg.autocast_dtype)
+    return enabled, dtype, enabled and dtype == torch.float16
 
 
 def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> None:
@@ -191,6 +199,7 @@ def train(
             "objective": objective.extra_state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "iteration": it,
@@ -200,7 +209,10 @@ def train(
         }
 
     logger = JsonlLogger(work_dir / "log.jsonl", dist_info.is_main)
-    use_bf16 = train_cfg.mixed_precision and device.type == "cuda"
+    use_amp, amp_dtype, scale_loss = mixed_precision(train_cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=scale_loss)
+    if checkpoint is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
     eval_every = train_cfg.eval_interval or iterations_per_epoch
     model.train()
     progress = tqdm(total=total_iterations, initial=iteration, desc="train", dynamic_ncols=True,
@@ -213,7 +225,7 @@ def train(
             for batch in train_loader:
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     losses = step_module(images, labels)
                 total = losses["total"]
                 if not torch.isfinite(total):
@@ -224,8 +236,9 @@ def train(
                         + (f"The last good checkpoint is {kept}" if kept.exists() else "No checkpoint was written yet")
                     )
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 iteration += 1
                 scalars = {k: float(v.detach()) for k, v in losses.items()}

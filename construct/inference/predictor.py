@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from construct.config import Config
+from construct.config import Config, InferenceConfig
 from construct.inference.crf import CrfPool
 from construct.inference.postprocess import cam_probabilities, select_presence
 from construct.inference.tiling import tiled_forward, window_stride
@@ -37,9 +37,25 @@ class Prediction:
         return self.probs[:-1]
 
 
+def inference_autocast(device: torch.device, inference: InferenceConfig) -> bool:
+    """Whether inference runs under bf16 autocast: on CUDA unless ``inference.mixed_precision`` is off."""
+    return device.type == "cuda" and inference.mixed_precision
+
+
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
     """B×3×H×W [0, 1] tensor → H×W×3 uint8 arrays (what the CRF's bilateral kernel compares)."""
     pixels = (images.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).numpy())
+
+
+def denormalized_uint8_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
+    """The released code's CRF image: the uint8 tile normalised as its loader does ((v − 255·mean) ·
+    1/(255·std), float32), de-normalised, scaled by 255 and truncated (not rounded) to uint8."""
+    values = (images.detach().float().cpu() * 255.0).round_()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    normalised = (values - mean_t * 255.0) * (1.0 / (std_t * 255.0))
+    pixels = ((normalised * std_t + mean_t) * 255.0).clamp_(0, 255).to(torch.uint8)
     return list(pixels.permute(0, 2, 3, 1).numpy())
 
 
@@ -74,7 +90,8 @@ class Predictor:
         """Raw CAMs (B×4×h×w: the CAM grid for tile-sized images, pixels for tiled ones) and logits (B×4)."""
         images = images.to(self.device, non_blocking=True)
         tile = self.config.model.image_size
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                            enabled=inference_autocast(self.device, self.inference)):
             if tuple(images.shape[-2:]) == (tile, tile):
                 return self._forward(images)
             outputs = [
@@ -97,11 +114,18 @@ class Predictor:
             masks = [p.argmax(axis=0).astype(np.uint8) for p in probs_np]
         else:
             unary = probs.softmax(dim=1) if self.inference.crf_softmax else probs
-            masks = self.crf(to_uint8_images(images), list(unary.cpu().numpy()))
+            masks = self.crf(self.crf_images(images), list(unary.cpu().numpy()))
         scores = torch.sigmoid(logits.float()).cpu().numpy()
         presence_np = presence.cpu().numpy()
         return [Prediction(mask=m, probs=p, presence=pr, scores=s, protocol=protocol)
                 for m, p, pr, s in zip(masks, probs_np, presence_np, scores)]
+
+    def crf_images(self, images: torch.Tensor) -> list[np.ndarray]:
+        """The uint8 pixels the CRF compares (``inference.crf_image``)."""
+        if self.inference.crf_image == "denormalized":
+            conch = self.config.model.conch
+            return denormalized_uint8_images(images, conch.dataset_mean, conch.dataset_std)
+        return to_uint8_images(images)
 
     def predict_batch(self, images: torch.Tensor, presence_gt: torch.Tensor | None = None,
                       protocol: str | None = None, names: Sequence[str] | None = None) -> list[Prediction]:
