@@ -86,10 +86,11 @@ class ConchConfig:
     """Statistics the feature pass (what the CAMs see) normalises the pixels with: CONCH's own (CLIP)
     or dataset_mean/dataset_std (the released code feeds CONCH BCSS-normalised pixels). L_sim's image
     views always get CLIP normalisation, as in the released code."""
-    dataset_mean: list[float] = field(default_factory=lambda: [0.66791496, 0.47791372, 0.70623304])
-    """Per-channel RGB mean used by normalization: dataset (BCSS-WSSS training tiles, as released)."""
-    dataset_std: list[float] = field(default_factory=lambda: [0.1736589, 0.22564577, 0.19820057])
-    """Per-channel RGB std used by normalization: dataset (BCSS-WSSS training tiles, as released)."""
+    dataset_mean: list[float] | None = None
+    """Per-channel RGB mean (0-1) of the training tiles, for normalization: dataset and
+    inference.crf_image: denormalized (configs/bcss_released.yaml gives BCSS-WSSS's, as released)."""
+    dataset_std: list[float] | None = None
+    """Per-channel RGB std (0-1) of the training tiles, with dataset_mean."""
 
 
 @dataclass
@@ -523,10 +524,14 @@ def validate(config: Config, source: str) -> None:
     if not 0.0 <= config.train.warmup_ratio <= 1.0:
         fail("train.warmup_ratio", f"must lie in [0, 1], got {config.train.warmup_ratio}")
     conch = model.conch
+    needs_stats = conch.normalization == "dataset" or config.inference.crf_image == "denormalized"
     for key, values in (("dataset_mean", conch.dataset_mean), ("dataset_std", conch.dataset_std)):
-        if len(values) != 3:
+        if values is None:
+            if needs_stats:
+                fail(f"model.conch.{key}", "is needed by model.conch.normalization: dataset and inference.crf_image: denormalized")
+        elif len(values) != 3:
             fail(f"model.conch.{key}", f"needs 3 values (R, G, B), got {values}")
-    if any(v <= 0 for v in conch.dataset_std):
+    if conch.dataset_std is not None and any(v <= 0 for v in conch.dataset_std):
         fail("model.conch.dataset_std", f"must all be positive, got {conch.dataset_std}")
     if config.loss.sim_max_pairs < 0:
         fail("loss.sim_max_pairs", "must be >= 0 (0 = all pairs)")

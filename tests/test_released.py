@@ -290,3 +290,12 @@ def test_crf_image_denormalized_truncates_like_the_released_loader():
     assert np.array_equal(rounded, (images * 255).round().permute(0, 2, 3, 1).numpy().astype(int))
     difference = rounded - truncated
     assert difference.min() == 0 and difference.max() == 1 and 0.05 < difference.mean() < 0.95
+
+
+def test_dataset_statistics_are_required_where_used():
+    with pytest.raises(ConfigError, match="model.conch.dataset_mean"):
+        load_config(REPO / "configs" / "bcss.yaml", ["model.conch.normalization=dataset"])
+    with pytest.raises(ConfigError, match="model.conch.dataset_std"):
+        load_config(REPO / "configs" / "bcss.yaml", ["inference.crf_image=denormalized", "model.conch.dataset_mean=[0.5,0.5,0.5]"])
+    with pytest.raises(ConfigError, match="3 values"):
+        tiny_config("model.conch.dataset_mean=[0.5,0.5]")
