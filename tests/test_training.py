@@ -18,6 +18,7 @@ from construct.data.synthetic import generate_dataset
 from construct.checkpoint import load_checkpoint
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
+from support import BCSS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_random.yaml"
@@ -26,7 +27,7 @@ DEMO = REPO / "configs" / "demo_random.yaml"
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, size=64)
+    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, classes=BCSS, size=64)
     return root
 
 
