@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from construct.tools.ablate import build_parser, main
-from construct.data.synthetic import generate_dataset
 from support import BCSS
+
+from construct.data.synthetic import generate_dataset
+from construct.tools.ablate import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 

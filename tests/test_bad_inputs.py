@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import BCSS
 
+from construct.checkpoint import FORMAT
 from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
 from construct.data.synthetic import generate_dataset
 from construct.data.synthetic_slide import write_synthetic_slide
-from construct.checkpoint import FORMAT
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch
-from support import BCSS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_random.yaml"

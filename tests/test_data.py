@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from support import BCSS
 
 from construct.data import (
     EvalDataset,
@@ -24,7 +25,6 @@ from construct.data import (
 )
 from construct.data.synthetic import MANIFEST, generate_dataset, main, make_tile, tile_rng
 from construct.errors import DataError
-from support import BCSS
 
 RNG = np.random.default_rng(0)
 

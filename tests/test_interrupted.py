@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from construct.data.synthetic import generate_dataset
-from construct.checkpoint import load_checkpoint
-from construct.errors import CheckpointError
 from support import BCSS
+
+from construct.checkpoint import load_checkpoint
+from construct.data.synthetic import generate_dataset
+from construct.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_random.yaml"

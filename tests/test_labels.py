@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
 from construct.data.labels import parse_label
 from construct.errors import DataError
-from support import BCSS
 
 
 @pytest.mark.parametrize(

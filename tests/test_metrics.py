@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from support import BCSS
 
 from construct.metrics import ConfusionMatrix
-from support import BCSS
 
 # GT   0 0 1 1 4 4
 # pred 0 1 1 1 4 0

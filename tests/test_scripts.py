@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import BCSS
 
 from construct.cli import run_cli
 from construct.config import load_config
@@ -21,7 +22,6 @@ from construct.data.io import read_mask
 from construct.data.synthetic import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
-from support import BCSS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "visualization_utils"

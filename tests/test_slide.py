@@ -16,6 +16,7 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from support import BCSS
 
 from construct.config import load_config
 from construct.data.io import read_image
@@ -33,7 +34,6 @@ from construct.inference.slide import open_slide, predict_slide
 from construct.inference.streaming import canvas_cell, predict_region, tile_offsets
 from construct.inference.tissue import TissueMask, detect_tissue
 from construct.models.build import build_model
-from support import BCSS
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

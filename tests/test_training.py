@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
 import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
+from construct.checkpoint import load_checkpoint
 from construct.config import load_config
 from construct.data.synthetic import generate_dataset
-from construct.checkpoint import load_checkpoint
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
-from support import BCSS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_random.yaml"

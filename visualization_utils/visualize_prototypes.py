@@ -20,9 +20,9 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
+from construct.classes import ClassSet
 from construct.cli import run_cli
 from construct.config import Config
-from construct.classes import ClassSet
 from construct.data.datasets import ImageFolderDataset
 from construct.errors import DataError
 from construct.inference.predictor import Predictor, to_uint8_images

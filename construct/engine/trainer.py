@@ -15,10 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from construct.config import Config, config_to_dict, save_config
-from construct.classes import ClassSet
-from construct.data.datasets import eval_dataset, train_dataset
 from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, save_checkpoint
+from construct.classes import ClassSet
+from construct.config import Config, config_to_dict, save_config
+from construct.data.datasets import eval_dataset, train_dataset
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.objective import ConStructObjective

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from construct.config import Config
 from construct.classes import ClassSet
+from construct.config import Config
 from construct.data.mask_tiff import MaskTiffWriter, read_level
 from construct.data.slide_reader import OpenSlideReader
 from construct.errors import DataError

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from construct.config import Config
 from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint
 from construct.classes import ClassSet
+from construct.config import Config
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch, tokenize
 from construct.models.construct import ConStructModel
