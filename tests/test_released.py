@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import BCSS
 
 from construct.config import load_config
-from construct.data.datasets import EvalDataset
+from construct.data.datasets import eval_dataset
 from construct.data.synthetic import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.objective import ConStructObjective
@@ -37,7 +38,7 @@ def tiny_config(*overrides: str):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("released") / "synthetic"
-    generate_dataset(root, n_train=16, n_val=2, n_test=3, seed=5, size=64)
+    generate_dataset(root, n_train=16, n_val=2, n_test=3, seed=5, classes=BCSS, size=64)
     return root
 
 
@@ -71,7 +72,7 @@ def test_preset_trains_and_evaluates_with_tiny_towers(data_root, tmp_path):
     model = load_trained_model(config, tmp_path / "run" / "best.pth")
     assert sorted(model.adapters) == ["2", "3"]  # the distilled level owns an adapter that feeds no CAM
     with Predictor(model, config, torch.device("cpu"), tta=True, crf=True, workers=1) as predictor:
-        metrics = evaluate_split(predictor, EvalDataset(data_root, "test"), config, ["ground_truth"])
+        metrics = evaluate_split(predictor, eval_dataset(config, "test"), config, ["ground_truth"])
     assert 0.0 <= metrics["ground_truth"].miou <= 100.0
 
 
@@ -268,10 +269,10 @@ def test_full_validation_runs_tta_and_the_crf(data_root, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Predictor, "postprocess", spy)
-    loader = DataLoader(EvalDataset(data_root, "val"), batch_size=2)
     for mode, expected in (("full", [(6, True)]), ("fast", [])):
         calls.clear()
-        config = tiny_config(f"train.validation={mode}", "inference.crf.enabled=true")
+        config = tiny_config(f"train.validation={mode}", "inference.crf.enabled=true", f"data.root={data_root}")
+        loader = DataLoader(eval_dataset(config, "val"), batch_size=2)
         model = build_model(config)
         model.train()
         metrics = validate(model, loader, config, torch.device("cpu"))

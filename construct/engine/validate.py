@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from construct.classes import ClassSet
 from construct.config import Config
 from construct.inference.postprocess import cam_probabilities, presence_from_logits, select_presence
 from construct.inference.predictor import Predictor
@@ -21,7 +22,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     """mIoU (``train.validation``: fast path or full pipeline) and per-class presence accuracy on an evaluation split."""
     was_training = model.training
     model.eval()
-    confusion = ConfusionMatrix(num_classes=5, device=device)
+    confusion = ConfusionMatrix(ClassSet.from_config(config).all_names, device=device)
     correct = total = 0
     inference = config.inference
     predictor = Predictor(model, config, device, tta=True, crf=inference.crf.enabled) if config.train.validation == "full" else None
@@ -46,5 +47,5 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     if predictor is not None:
         predictor.close()
     model.train(was_training)
-    metrics = confusion.compute()
+    metrics = confusion.compute(config.evaluation.background)
     return {"miou": metrics.miou, "mdice": metrics.mdice, "cls_accuracy": 100.0 * correct / max(total, 1)}
