@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
 import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
+from construct.checkpoint import load_checkpoint
 from construct.config import load_config
 from construct.data.synthetic import generate_dataset
-from construct.checkpoint import load_checkpoint
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 
@@ -26,7 +27,7 @@ DEMO = REPO / "configs" / "demo_random.yaml"
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, size=64)
+    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, classes=BCSS, size=64)
     return root
 
 
@@ -154,13 +155,13 @@ def _reference_cpu_run(config, iterations: int) -> tuple[list[dict[str, float]],
     the same data order. Returns each step's losses and the trainable state at the end."""
     from torch.utils.data import DataLoader
 
-    from construct.data.datasets import TrainDataset
+    from construct.data.datasets import train_dataset
     from construct.engine.data import ResumableSampler, SeededAugmentation
     from construct.engine.objective import ConStructObjective
     from construct.models.build import build_model, build_teacher
 
     train_cfg = config.train
-    dataset = TrainDataset(config.data.root, augment=False)
+    dataset = train_dataset(config, augment=False)
     sampler = ResumableSampler(len(dataset), train_cfg.batch_size, train_cfg.seed)
     loader = DataLoader(SeededAugmentation(dataset, train_cfg.seed), batch_size=train_cfg.batch_size, sampler=sampler)
     model = build_model(config, "cpu")

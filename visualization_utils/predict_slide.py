@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the slide. Each slide is read at the model's resolution (data.mpp, 0.25 µm/px for BCSS-WSSS; change it "
         "with --opts data.mpp=...), tissue is found on a thumbnail so glass is skipped, tiles are predicted with "
         "overlap and the dense CRF runs window by window (inference.slide). Per slide it writes "
-        "<name>_mask.tif (tiled pyramidal TIFF of class indices 0=TUM 1=STR 2=LYM 3=NEC 4=BACK with the class "
-        "colours as its palette, on the slide's own pixel grid; opens in QuPath and OpenSlide viewers), "
+        "<name>_mask.tif (tiled pyramidal TIFF of class indices: the model's classes in label order, then "
+        "background, e.g. 0=TUM 1=STR 2=LYM 3=NEC 4=BACK for BCSS-WSSS, with the class colours as its palette, on the slide's own pixel grid; opens in QuPath and OpenSlide viewers), "
         "<name>_overview.png (thumbnail, overlay, legend) and <name>_areas.json (tissue and class areas in mm²).")
     parser.add_argument("slides", nargs="+", type=Path, metavar="SLIDE",
                         help="slide files (.svs, .ndpi, .mrxs, .scn, tiled pyramidal .tif, ...: what OpenSlide reads)")

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from construct.tools.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
 from construct.config import config_to_dict
 from construct.engine.guard import FiniteLossGuard
+from construct.tools.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
 from construct.tools.gpu_check.plan import Plan, check_config, nccl_version, reserved_memory_mib, reset_peak_memory
 
 
@@ -323,11 +323,11 @@ def run_loader(plan: Plan) -> bool:
     the fast path's settings, to set beside the step rate: a loader slower than the step stalls it."""
     from torch.utils.data import DataLoader
 
-    from construct.data.datasets import TrainDataset
+    from construct.data.datasets import train_dataset
     from construct.engine.data import ResumableSampler, SeededAugmentation
 
-    config = check_config(plan.dry_run)
-    dataset = TrainDataset(plan.data_root, augment=False)
+    config = check_config(plan.dry_run, f"data.root={plan.data_root}")
+    dataset = train_dataset(config, augment=False)
     batch = config.train.batch_size
     sampler = ResumableSampler(len(dataset), batch, config.train.seed)
     workers = plan.loader_workers
