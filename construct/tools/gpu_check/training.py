@@ -176,7 +176,7 @@ def run_training_bench(plan: Plan) -> bool:
     def at_batch(variant: str, entry: dict[str, Any]) -> None:
         config, objective, optimizer = runner.objective(variant)
         torch.manual_seed(0)
-        images, labels = training_batch(plan.batch, device, config.model.image_size)
+        images, labels = training_batch(plan.batch, device, config)
         entry["present_classes"] = int(labels.sum())
 
         def step() -> dict[str, torch.Tensor]:
@@ -191,7 +191,7 @@ def run_training_bench(plan: Plan) -> bool:
     def at_batch_fast(variant: str, entry: dict[str, Any]) -> None:
         config, objective, optimizer = runner.objective(variant, fast=True)
         torch.manual_seed(0)
-        images, labels = training_batch(plan.batch, device, config.model.image_size)
+        images, labels = training_batch(plan.batch, device, config)
         guard = FiniteLossGuard(Path(plan.result_path).parent, deferred=True)
         steps = [0]
 
@@ -214,7 +214,7 @@ def run_training_bench(plan: Plan) -> bool:
             torch.manual_seed(0)
             reset_peak_memory(device)
             try:
-                images, labels = training_batch(batch, device, config.model.image_size)
+                images, labels = training_batch(batch, device, config)
                 training_step(objective, optimizer, images, labels, use_bf16)  # peaks in the backward pass
                 synchronize(device)
             except torch.cuda.OutOfMemoryError:
@@ -232,7 +232,7 @@ def run_training_bench(plan: Plan) -> bool:
         if best is None:
             raise RuntimeError(f"no batch size fits in {plan.memory_limit_mib:.0f} MiB")
         torch.manual_seed(0)
-        images, labels = training_batch(best, device, config.model.image_size)
+        images, labels = training_batch(best, device, config)
 
         def step() -> dict[str, torch.Tensor]:
             losses = training_step(objective, optimizer, images, labels, use_bf16)
@@ -289,7 +289,7 @@ def run_match(plan: Plan) -> bool:
         trajectory: list[dict[str, float]] = []
         for index in range(steps):
             torch.manual_seed(10_000 + index)
-            images, labels = training_batch(plan.batch, device, config.model.image_size)
+            images, labels = training_batch(plan.batch, device, config)
             losses = training_step(objective, optimizer, images, labels, use_bf16=device.type == "cuda")
             trajectory.append({name: float(value.detach()) for name, value in losses.items()})
         if path == "fast":
@@ -396,7 +396,7 @@ def run_ddp(plan: Plan) -> bool:
             wrapped = DistributedDataParallel(objective, device_ids=[device.index] if on_cuda else None,
                                               broadcast_buffers=False)
         torch.manual_seed(0)
-        images, labels = training_batch(plan.batch, device, config.model.image_size)
+        images, labels = training_batch(plan.batch, device, config)
         reduced: list[float] = []
 
         def step() -> dict[str, torch.Tensor]:
