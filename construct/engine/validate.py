@@ -3,6 +3,7 @@ without TTA or CRF; ``train.validation: full`` runs the whole inference pipeline
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,11 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     confusion = ConfusionMatrix(ClassSet.from_config(config).all_names, device=device)
     correct = total = 0
     inference = config.inference
-    predictor = Predictor(model, config, device, tta=True, crf=inference.crf.enabled) if config.train.validation == "full" else None
+    predictor = None
+    if config.train.validation == "full":
+        # The training CONCH keeps the fast path train.fast_path gave it (inference.fast_path does not apply).
+        own = dataclasses.replace(config, inference=dataclasses.replace(inference, fast_path=False))
+        predictor = Predictor(model, own, device, tta=True, crf=inference.crf.enabled)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
