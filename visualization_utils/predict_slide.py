@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from construct.classes import ClassSet
 from construct.cli import run_cli
-from construct.engine.distributed import all_gather_objects, broadcast_object, cleanup, init_distributed
+from construct.engine.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed
 from construct.inference.cohort import (
     DONE,
     FAILED,
@@ -118,11 +118,11 @@ def main(args: argparse.Namespace) -> None:
         plan = broadcast_object(info, split_by_area([slide_area(p) for p in paths], info.world_size)
                                 if info.is_main else None)
         classes = ClassSet.from_config(config)
+        provenance = {"checkpoint": str(args.checkpoint.absolute()), "config": str(Path(args.config).absolute()),
+                      "config_overrides": list(args.opts)}
         job = CohortJob(config=config, out_dir=out_dir, classes=classes, mpp=args.mpp, regions=not args.no_regions,
                         skip_existing=args.skip_existing, overview_side=args.overview_side,
-                        show_tracebacks=args.debug,
-                        provenance={"checkpoint": str(args.checkpoint), "config": str(args.config),
-                                    "config_overrides": list(args.opts)})
+                        provenance=provenance, show_tracebacks=args.debug)
 
         def load_predictor():
             model = load_trained_model(config, args.checkpoint, info.device)
@@ -139,10 +139,11 @@ def main(args: argparse.Namespace) -> None:
             counts = {status: sum(row["status"] == status for row in table) for status in (DONE, SKIPPED, FAILED)}
             print(f"cohort: {counts[DONE]} predicted, {counts[SKIPPED]} skipped, {counts[FAILED]} failed of "
                   f"{len(table)} slides; wrote {', '.join(p.name for p in written)} to {out_dir}")
+        barrier(info)  # torchrun stops all ranks when one exits with an error: not before the table is written
     finally:
         cleanup(info)
-    if any(row["status"] == FAILED for row in table):
-        raise SystemExit(1)
+    if info.is_main and any(row["status"] == FAILED for row in table):
+        raise SystemExit(1)  # rank 0 carries the cohort's status (torchrun exits 1 with it)
 
 
 if __name__ == "__main__":
