@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import BCSS
 
+from construct.checkpoint import FORMAT
 from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
 from construct.data.synthetic import generate_dataset
 from construct.data.synthetic_slide import write_synthetic_slide
-from construct.checkpoint import FORMAT
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError
@@ -42,7 +43,7 @@ class ArbitraryObject:
 @pytest.fixture(scope="module")
 def clean_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_inputs") / "data"
-    generate_dataset(root, n_train=4, n_val=2, n_test=2, seed=0, size=SIZE)
+    generate_dataset(root, n_train=4, n_val=2, n_test=2, seed=0, classes=BCSS, size=SIZE)
     return root
 
 
@@ -176,7 +177,7 @@ def mask_containing_7(tmp_path, request):
 def mask_size_differs_from_image(tmp_path, request):
     root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
     mask = first_val_mask(root)
-    write_mask(mask, np.zeros((SIZE // 2, SIZE // 2), np.uint8))
+    write_mask(mask, np.zeros((SIZE // 2, SIZE // 2), np.uint8), BCSS)
     image = root / "val" / "img" / mask.name
     return main_args(root, tmp_path / "run"), [str(mask), "mask size 32×32 does not match image", str(image),
                                                "64×64"]
@@ -338,12 +339,12 @@ def test_grey_and_rgba_tiles_are_accepted_and_converted(clean_data, tmp_path):
     val_image = sorted((root / "val" / "img").glob("*.png"))[0]
     Image.fromarray(grey, mode="L").save(val_image)
 
-    dataset = TrainDataset(root, augment=False)
+    dataset = TrainDataset(root, BCSS, augment=False)
     grey_item, rgba_item = dataset[0]["image"], dataset[1]["image"]
     assert grey_item.shape == rgba_item.shape == (3, SIZE, SIZE) and grey_item.dtype == torch.float32
     for channel in range(3):
         assert torch.equal(grey_item[channel], torch.from_numpy(grey).float() / 255)
     assert torch.allclose(rgba_item[:, :, 0], torch.tensor([120, 60, 30]).float()[:, None] / 255)
     assert torch.equal(rgba_item[:, :, -1], torch.ones(3, SIZE))  # transparent → white slide background
-    val_item = EvalDataset(root, "val")[0]
+    val_item = EvalDataset(root, "val", BCSS)[0]
     assert val_item["image"].shape == (3, SIZE, SIZE) and val_item["mask"].shape == (SIZE, SIZE)

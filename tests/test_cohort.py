@@ -44,7 +44,7 @@ def blob_mask(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def write_mask(path: Path, mask: np.ndarray, mpp: float) -> None:
-    MaskTiffWriter(path, (mask.shape[1], mask.shape[0]), mpp, path.parent).write(
+    MaskTiffWriter(path, (mask.shape[1], mask.shape[0]), mpp, path.parent, CLASSES).write(
         (top, mask[top:top + 300]) for top in range(0, mask.shape[0], 300))
 
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from shapely.geometry import shape
+from support import BCSS
 
 from construct.classes import ClassSet
 from construct.config import load_config
-from construct.constants import PALETTE
 from construct.data.io import read_image
 from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
 from construct.data.slide_reader import ArrayReader, OpenSlideReader
@@ -174,7 +174,7 @@ def test_array_reader_mirrors_at_the_border():
 def test_mask_tiff_pyramid_from_uneven_bands(tmp_path):
     mask = np.random.default_rng(0).integers(0, 5, (700, 530), dtype=np.uint8)
     path = tmp_path / "mask.tif"
-    writer = MaskTiffWriter(path, (530, 700), 0.5, tmp_path)
+    writer = MaskTiffWriter(path, (530, 700), 0.5, tmp_path, BCSS)
     tops = [0, 300, 377, 600]
     writer.write((top, mask[top:bottom]) for top, bottom in zip(tops, tops[1:] + [700]))
     assert writer.sizes == pyramid_sizes(530, 700) == [(530, 700), (265, 350), (133, 175)]
@@ -185,7 +185,7 @@ def test_mask_tiff_pyramid_from_uneven_bands(tmp_path):
     assert slide.level_count == 3 and slide.level_dimensions[1] == (265, 350)
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     rgb = np.asarray(slide.read_region((0, 0), 0, (530, 700)).convert("RGB"))
-    np.testing.assert_array_equal(rgb, np.array(PALETTE, np.uint8)[mask])  # the palette shows class colours
+    np.testing.assert_array_equal(rgb, np.array(BCSS.palette, np.uint8)[mask])  # the palette shows class colours
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_slide_without_tissue_is_refused(tmp_path):
 def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, 224 px) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("slide_run")
-    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0)
+    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
     config = load_config(REPO / "configs" / "demo_random.yaml", [
         f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8", "loss.sim_weight=0",

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
 import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
+from construct.checkpoint import load_checkpoint
 from construct.config import load_config
 from construct.data.synthetic import generate_dataset
-from construct.checkpoint import load_checkpoint
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 
@@ -26,7 +27,7 @@ DEMO = REPO / "configs" / "demo_random.yaml"
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, size=64)
+    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, classes=BCSS, size=64)
     return root
 
 

@@ -15,9 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, save_checkpoint
+from construct.classes import ClassSet
 from construct.config import Config, config_to_dict, save_config
-from construct.data.datasets import EvalDataset, TrainDataset
-from construct.checkpoint import backbone_identity, check_backbones, load_checkpoint, save_checkpoint
+from construct.data.datasets import eval_dataset, train_dataset
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.objective import ConStructObjective
@@ -121,8 +122,8 @@ def train(
         if checkpoint is None:
             (work_dir / "log.jsonl").unlink(missing_ok=True)
 
-    train_set = TrainDataset(config.data.root, augment=False)
-    val_set = EvalDataset(config.data.root, config.data.val_split)
+    train_set = train_dataset(config, augment=False)
+    val_set = eval_dataset(config, config.data.val_split)
     train_cfg = config.train
     sampler = ResumableSampler(len(train_set), train_cfg.batch_size, train_cfg.seed, dist_info.rank, dist_info.world_size)
     if sampler.batches_per_epoch == 0:
@@ -160,6 +161,7 @@ def train(
     iteration = 0
     best = {"miou": -1.0, "iteration": 0}
     if checkpoint is not None:
+        check_classes(checkpoint, ClassSet.from_config(config).names, resume)
         iteration, best = _restore(checkpoint, resume, model, objective, optimizer, scheduler, identity)
 
     step_module: torch.nn.Module = objective
@@ -183,6 +185,7 @@ def train(
             "best": dict(best),
             "config": config_to_dict(config),
             "backbones": identity,
+            "classes": list(ClassSet.from_config(config).names),
         }
 
     logger = JsonlLogger(work_dir / "log.jsonl", dist_info.is_main)

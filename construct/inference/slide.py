@@ -26,7 +26,6 @@ from PIL import Image
 
 from construct.classes import ClassSet
 from construct.config import Config
-from construct.constants import ALL_CLASS_NAMES
 from construct.data.mask_tiff import MaskTiffWriter, read_level
 from construct.data.slide_reader import OpenSlideReader
 from construct.errors import DataError
@@ -86,14 +85,14 @@ def open_slide(path: Path, config: Config, mpp: float | None = None) -> OpenedSl
     return OpenedSlide(reader, TissueMask(mask, reader.size))
 
 
-def area_report(class_pixels: np.ndarray, mpp: float) -> dict[str, Any]:
+def area_report(class_pixels: np.ndarray, mpp: float, classes: ClassSet) -> dict[str, Any]:
     """Tissue area and each class's area (mm²) and share of it; the class areas add up to the tissue area."""
     mm2_per_pixel = (mpp / 1000.0) ** 2
     tissue = int(class_pixels.sum())
     return {
         "tissue_mm2": tissue * mm2_per_pixel,
-        "areas_mm2": {name: int(count) * mm2_per_pixel for name, count in zip(ALL_CLASS_NAMES, class_pixels)},
-        "fractions": {name: (int(count) / tissue if tissue else 0.0) for name, count in zip(ALL_CLASS_NAMES, class_pixels)},
+        "areas_mm2": {name: int(count) * mm2_per_pixel for name, count in zip(classes.all_names, class_pixels)},
+        "fractions": {name: (int(count) / tissue if tissue else 0.0) for name, count in zip(classes.all_names, class_pixels)},
     }
 
 
@@ -124,27 +123,30 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{reader.name}.") as scratch:
         scratch = Path(scratch)
         staged = SlideOutputs.for_slide(scratch, reader.name)
-        writer = MaskTiffWriter(staged.mask, reader.size, reader.mpp, scratch)
+        classes = predictor.classes
+        writer = MaskTiffWriter(staged.mask, reader.size, reader.mpp, scratch, classes)
         writer.write((band.top, band.mask) for band in stream.bands())
         report = {
             "slide": str(reader.path), "vendor": reader.vendor, "size_px": list(reader.size), "mpp": reader.mpp,
             "mpp_source": reader.mpp_source, "model_mpp": config.data.mpp, "mask": outputs.mask.name,
             "mask_levels": len(writer.sizes), "overview": outputs.overview.name,
-            "class_indices": {name: index for index, name in enumerate(ALL_CLASS_NAMES)},
-            **area_report(stream.stats.class_pixels, reader.mpp),
+            "class_indices": {name: index for index, name in enumerate(classes.all_names)},
+            "class_colors": {name: list(rgb) for name, rgb in zip(classes.all_names, classes.palette)},
+            **area_report(stream.stats.class_pixels, reader.mpp, classes),
             "tiles": stream.stats.tiles, "crf": predictor.uses_crf, "tta": predictor.tta.record(),
             **(provenance or {}),
         }
         thumbnail = reader.thumbnail(overview_side)
         level = _overview_level(writer.sizes, thumbnail.shape[1], thumbnail.shape[0])
         title = f"{reader.path.name}: {report['tissue_mm2']:.2f} mm² tissue at {reader.mpp:.3f} µm/px"
-        shares = [report["fractions"][name] for name in ALL_CLASS_NAMES]
+        shares = [report["fractions"][name] for name in classes.all_names]
         # Saved directly: the scratch folder already makes it atomic (and the file gets the usual permissions).
-        Image.fromarray(draw_overview(thumbnail, read_level(staged.mask, level), shares, title)).save(staged.overview)
+        overview = draw_overview(thumbnail, read_level(staged.mask, level), shares, title, classes)
+        Image.fromarray(overview).save(staged.overview)
         if regions:
             traced = time.perf_counter()
             settings = region_settings(config)
-            summary = write_regions(staged.mask, staged.regions, ClassSet.from_config(config), reader.mpp, settings)
+            summary = write_regions(staged.mask, staged.regions, classes, reader.mpp, settings)
             report["regions"] = {"file": outputs.regions.name, "features": summary.features, "mask_level": summary.level,
                                  "simplify_um": settings.simplify_um, "min_area_um2": settings.min_area_um2,
                                  "seconds": round(time.perf_counter() - traced, 2)}

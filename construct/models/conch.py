@@ -20,8 +20,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.checkpoint import read_weight_file
+from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:

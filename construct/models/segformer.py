@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from transformers import SegformerConfig, SegformerModel
 
-from construct.constants import IMAGENET_MEAN, IMAGENET_STD
 from construct.checkpoint import read_weight_file
+from construct.constants import IMAGENET_MEAN, IMAGENET_STD
 from construct.errors import CheckpointError, ConfigError
 
 _ARCH_FIELDS = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios")

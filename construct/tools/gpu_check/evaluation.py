@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from construct.tools.bench import synchronize
 from construct.config import config_to_dict
+from construct.tools.bench import synchronize
 from construct.tools.gpu_check.plan import Plan, check_config
 
 
@@ -22,6 +22,7 @@ def run_evaluation(plan: Plan) -> bool:
     synchronised), post-processing (gating, upsampling, the copy to the host, the CRF) and waiting
     for the loader.
     """
+    from construct.classes import ClassSet
     from construct.data.datasets import EvalDataset
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
@@ -30,7 +31,7 @@ def run_evaluation(plan: Plan) -> bool:
     config = check_config(plan.dry_run)
     started = time.perf_counter()
     model = build_model(config, device).eval()
-    dataset = EvalDataset(plan.data_root, "test")
+    dataset = EvalDataset(plan.data_root, "test", ClassSet.from_config(config))
     inference = config_to_dict(config)["inference"]
     result: dict[str, Any] = {
         "model_build_s": time.perf_counter() - started, "tiles": len(dataset), "batch": config.inference.batch_size,

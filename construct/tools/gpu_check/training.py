@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from construct.tools.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
 from construct.config import config_to_dict
+from construct.tools.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
 from construct.tools.gpu_check.plan import Plan, check_config, nccl_version, reserved_memory_mib, reset_peak_memory
 
 

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from construct.constants import NUM_CLASSES
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import STYLES, make_tile, paint
+from construct.data.synthetic import STYLES, TEXTURE_NAMES, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
@@ -39,7 +38,7 @@ def pure_tiles(seed: int, style: str = "default", per_class: int = 12, size: int
     """Class-pure held-out tiles: one per_class×3×size×size batch per tissue class."""
     return [torch.stack([to_tensor(paint(tagged_rng(seed, HELD_OUT_PURE_TAG, STYLE_OFFSET[style] + cls * 1000 + i),
                                           np.full((size, size), cls, np.uint8), STYLES[style]))
-                         for i in range(per_class)]) for cls in range(NUM_CLASSES)]
+                         for i in range(per_class)]) for cls in range(len(TEXTURE_NAMES))]
 
 
 @torch.no_grad()
@@ -66,7 +65,7 @@ def fg_bg_gaps(conch: ConchModel, prompts: Sequence[str], tiles: Sequence[tuple[
     text = conch.encode_text(tokenize(prompts))
     gaps = []
     for image, mask in tiles:
-        for cls in range(NUM_CLASSES):
+        for cls in range(len(TEXTURE_NAMES)):
             inside = (mask == cls).float()
             if inside.mean() < min_area or inside.mean() > 1 - min_area:
                 continue
