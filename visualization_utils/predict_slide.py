@@ -116,8 +116,11 @@ def main(args: argparse.Namespace) -> None:
     try:
         if info.enabled and args.workers is None:  # the ranks of a node share its cores for the CRF
             args.workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        plan = broadcast_object(info, split_by_area([slide_area(p) for p in paths], info.world_size)
-                                if info.is_main else None)
+        if info.enabled:
+            plan = broadcast_object(info, split_by_area([slide_area(p) for p in paths], info.world_size)
+                                    if info.is_main else None)
+        else:
+            plan = [list(range(len(paths)))]
         classes = ClassSet.from_config(config)
         provenance = {"checkpoint": str(args.checkpoint.absolute()), "config": str(Path(args.config).absolute()),
                       "config_overrides": list(args.opts)}

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import shapely
-from shapely import affinity
 import tifffile
 from rasterio.features import shapes
+from shapely import affinity
 from shapely.geometry import Polygon, box, shape
 from shapely.geometry.polygon import orient
 
@@ -54,16 +54,15 @@ class RegionSummary:
     level: int
     """Mask pyramid level the regions were traced on."""
     features: int = 0
-    area_um2: dict[str, float] | None = None
+    area_um2: dict[str, float] = field(default_factory=dict)
     """Summed area of each tissue class's features."""
 
 
 def trace_level(level_sizes: list[tuple[int, int]], mpp: float, simplify_um: float) -> int:
     """The coarsest pyramid level whose pixel is at most ``simplify_um`` wide (level 0 at least).
 
-    Level k keeps every 2^k-th pixel of level 0 (:func:`construct.data.mask_tiff.pyramid_sizes`).
-
-    Finer detail would be simplified away anyway; tracing there only costs time.
+    Level k keeps every 2^k-th pixel of level 0 (:func:`construct.data.mask_tiff.pyramid_sizes`);
+    finer detail would be simplified away anyway, tracing it would only cost time.
     """
     level = 0
     for index in range(len(level_sizes)):
@@ -72,24 +71,25 @@ def trace_level(level_sizes: list[tuple[int, int]], mpp: float, simplify_um: flo
     return level
 
 
-def mask_level_bands(path: Path, level: int, band_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(top row, rows × width uint8) bands of one level of a tiled mask TIFF, top to bottom.
+def mask_level_bands(path: Path, level: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(top row, rows × width uint8) bands of whole tile rows of one level of a tiled mask TIFF, top to bottom.
 
-    Tiles are decoded one tile row at a time, so only a band is ever held.
+    Tiles are decoded one at a time into the band (about :data:`BAND_PIXELS`), so only a band is ever held.
     """
     with tifffile.TiffFile(path) as tif:
         page = tif.series[0].levels[level].keyframe
         height, width = page.shape[:2]
         tile_h, tile_w = page.tilelength, page.tilewidth
-        if band_rows is None:
-            band_rows = max(tile_h, BAND_PIXELS // max(width, 1) // tile_h * tile_h)
+        band_rows = max(tile_h, BAND_PIXELS // max(width, 1) // tile_h * tile_h)
         band_top, band = 0, np.empty((min(band_rows, height), width), np.uint8)
         for data, index, _ in page.segments(maxworkers=1):
             top, left = index[2], index[3]
             if top >= band_top + band_rows:
                 yield band_top, band
                 band_top, band = top, np.empty((min(band_rows, height - top), width), np.uint8)
-            tile = np.zeros((tile_h, tile_w), np.uint8) if data is None else np.asarray(data).reshape(tile_h, tile_w)
+            if data is None:  # MaskTiffWriter writes every tile
+                raise ValueError(f"{path}: level {level} has no tile at row {top}, column {left}")
+            tile = np.asarray(data).reshape(tile_h, tile_w)
             rows, cols = min(tile_h, height - top), min(tile_w, width - left)
             band[top - band_top:top - band_top + rows, left:left + cols] = tile[:rows, :cols]
         yield band_top, band
@@ -155,20 +155,20 @@ def region_features(mask_path: Path, classes: ClassSet, mpp: float, settings: Re
     level = trace_level(sizes, mpp, settings.simplify_um)
     (width, height), level_h = sizes[0], sizes[level][1]
     factor = 2**level
+    # Level pixel (i, j) is the sample of level-0 pixel (i, j) * 2^level: it stands for the block of
+    # whole pixels about centred on that pixel (not the block it starts, which would shift outlines by
+    # half a block; whole pixels, so that no outline runs through pixel centres).
+    to_level0 = [factor, 0, 0, factor, -((factor - 1) // 2), -((factor - 1) // 2)]
     extent = box(0, 0, width, height)
     tolerance_px = settings.simplify_um / mpp
     um2_per_px = mpp * mpp
     if summary is not None:
         summary.level = level
-        summary.area_um2 = {name: 0.0 for name in classes.names}
+        summary.area_um2.update({name: 0.0 for name in classes.names})
     for value, polygon in trace_regions(mask_level_bands(mask_path, level), level_h, classes.background):
         if value >= classes.num_classes:
             continue  # not a class of this model (a mask of another class set)
-        # Level pixel (i, j) is the sample of level-0 pixel (i, j) * 2^level: it stands for the block of
-        # whole pixels about centred on that pixel (not the block it starts, which would shift outlines by
-        # half a block; whole pixels, so that no outline runs through pixel centres).
-        shift = -((factor - 1) // 2)
-        polygon = affinity.affine_transform(polygon, [factor, 0, 0, factor, shift, shift])
+        polygon = affinity.affine_transform(polygon, to_level0)
         if level:
             polygon = polygon.intersection(extent)
         if polygon.area * um2_per_px < settings.min_area_um2:
@@ -211,7 +211,7 @@ def _feature(polygon: Polygon, name: str, color: tuple[int, int, int], area_um2:
 
 def _ring_coordinates(ring: Any) -> list[list[float]]:
     points = shapely.get_coordinates(ring)
-    # Vertices lie on pixel corners (whole numbers) except where the slide's edge cut a region.
+    # Vertices lie on pixel corners: whole numbers, written as JSON integers.
     return [[_number(x), _number(y)] for x, y in points]
 
 
