@@ -230,6 +230,12 @@ class TrainConfig:
     """Also write latest.pth every N iterations; 0 = only at each validation."""
     log_interval: int = 10
     """Write a JSONL log line every N iterations."""
+    fast_path: bool = False
+    """CUDA only: frozen CONCH and MiT forwards replayed as CUDA graphs with bf16 weights, fused
+    AdamW, and the non-finite-loss check kept on the device and read at log, validation and
+    checkpoint iterations (the error still names the first bad iteration). Off until the GPU check
+    shows it matches eager (docs/benchmarks.md). On the CPU only the deferred check applies; the
+    rest is left out with a note."""
 
 
 @dataclass
@@ -294,6 +300,10 @@ class InferenceConfig:
     """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
     batch_size: int = 16
     """Images per forward pass at inference and validation."""
+    fast_path: bool = False
+    """CUDA only: CONCH's frozen forward replayed as CUDA graphs with bf16 weights, one graph per
+    TTA pass shape (evaluation, export, slides); ignored on the CPU. Training validation follows
+    train.fast_path instead."""
     slide: SlideConfig = field(default_factory=SlideConfig)
 
 

@@ -85,6 +85,18 @@ def test_wrong_types_name_the_key(tmp_path, data, key):
         load_config(write(tmp_path / "c.yaml", data))
 
 
+def test_fast_path_switches_default_off_and_take_booleans_only(tmp_path):
+    path = write(tmp_path / "c.yaml", {})
+    config = load_config(path)
+    assert config.train.fast_path is False and config.inference.fast_path is False  # until the GPU check shows a match
+    config = load_config(path, ["train.fast_path=true", "inference.fast_path=true"])
+    assert config.train.fast_path is True and config.inference.fast_path is True
+    for key in ("train.fast_path", "inference.fast_path"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+            load_config(path, [f"{key}=reduce-overhead"])
+        assert "\n" not in str(error.value)
+
+
 def test_int_accepted_for_float_and_null_for_optional(tmp_path):
     config = load_config(write(tmp_path / "c.yaml", {"train": {"lr": 1, "max_iters": None}}))
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)

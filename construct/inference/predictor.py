@@ -15,6 +15,7 @@ from construct.inference.postprocess import apply_background_prior, cam_probabil
 from construct.inference.tiling import tiled_forward, window_stride
 from construct.inference.tta import TtaSettings
 from construct.models.construct import ConStructModel
+from construct.models.graphs import enable_fast_path
 
 
 @dataclass
@@ -50,13 +51,16 @@ class Predictor:
     Tile-sized images run as one batch; larger ones go through sliding-window tiling. ``tta`` runs
     ``inference.tta`` over ``inference.tta_factors`` × ``inference.tta_flip`` on every tile (off = one
     plain pass; :attr:`tta` says which ran); ``crf`` runs the dense CRF of
-    ``inference.crf`` over ``workers`` processes (None = all cores). Close it (or use ``with``) to
-    stop the CRF workers.
+    ``inference.crf`` over ``workers`` processes (None = all cores). ``inference.fast_path`` on a
+    CUDA device replays CONCH's frozen forward as CUDA graphs with bf16 weights (one per TTA pass
+    shape; this changes ``model.conch`` for good). Close it (or use ``with``) to stop the CRF workers.
     """
 
     def __init__(self, model: ConStructModel, config: Config, device: torch.device, tta: bool = True,
                  crf: bool = True, workers: int | None = None) -> None:
         self.model = model.to(device).eval()
+        if config.inference.fast_path and device.type == "cuda":
+            enable_fast_path(self.model.conch)
         self.config = config
         self.device = device
         self.inference = config.inference
