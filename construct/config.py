@@ -309,6 +309,12 @@ class SlideConfig:
     """Resolution (µm/px) of the thumbnail that tissue is detected on (coarser for slides over 4096 px there)."""
     tissue_saturation: float = 0.07
     """Minimum HSV saturation (0-1) of a tissue pixel on that thumbnail; glass is grey-white."""
+    regions_simplify_um: float = 1.0
+    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with; they are traced on
+    the coarsest level of the mask pyramid whose pixel is no wider than this."""
+    regions_min_area_um2: float = 25.0
+    """Regions smaller than this (µm²) are left out of <name>_regions.geojson: specks smaller than a nucleus
+    (the areas JSON still counts every pixel)."""
 
 
 @dataclass
@@ -641,6 +647,10 @@ def validate(config: Config, source: str) -> None:
         fail("inference.slide.tissue_mpp", f"must be a positive resolution in µm/px, got {slide.tissue_mpp}")
     if not 0.0 < slide.tissue_saturation < 1.0:
         fail("inference.slide.tissue_saturation", f"must lie in (0, 1), got {slide.tissue_saturation}")
+    if not slide.regions_simplify_um > 0:
+        fail("inference.slide.regions_simplify_um", f"must be a positive length in µm, got {slide.regions_simplify_um}")
+    if not slide.regions_min_area_um2 >= 0:
+        fail("inference.slide.regions_min_area_um2", f"must be >= 0 µm², got {slide.regions_min_area_um2}")
 
 
 def validate_dataset(data: DataConfig, fail: typing.Callable[[str, str], None]) -> None:

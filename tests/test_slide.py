@@ -16,8 +16,10 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from shapely.geometry import shape
 from support import BCSS
 
+from construct.classes import ClassSet
 from construct.config import load_config
 from construct.data.io import read_image
 from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
@@ -30,6 +32,7 @@ from construct.errors import DataError
 from construct.inference import streaming
 from construct.inference.cam_canvas import CamCanvas
 from construct.inference.predictor import Predictor
+from construct.inference.regions import rasterize_regions
 from construct.inference.slide import open_slide, predict_slide
 from construct.inference.streaming import canvas_cell, predict_region, tile_offsets
 from construct.inference.tissue import TissueMask, detect_tissue
@@ -241,7 +244,7 @@ def test_failure_midway_leaves_no_output(small_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         predict_slide(open_slide(path, config), predictor, out)
-    assert list(out.iterdir()) == []  # no TIFF, no PNG, no JSON, no scratch folder
+    assert list(out.iterdir()) == []  # no TIFF, no PNG, no GeoJSON, no JSON, no scratch folder
 
 
 def test_slide_without_tissue_is_refused(tmp_path):
@@ -277,7 +280,8 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["cmu_small_region_areas.json", "cmu_small_region_mask.tif",
-                                                      "cmu_small_region_overview.png"]
+                                                      "cmu_small_region_overview.png", "cmu_small_region_regions.geojson",
+                                                      "cohort.csv", "cohort.json"]
     assert "mm² tissue" in result.stdout
 
     slide = openslide.OpenSlide(str(out / "cmu_small_region_mask.tif"))
@@ -304,3 +308,20 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
 
     with Image.open(out / "cmu_small_region_overview.png") as overview:
         assert overview.mode == "RGB" and overview.width > 1000 and overview.height > 600
+
+    # The regions as QuPath annotations: valid polygons whose class areas are the JSON's, and which
+    # drawn back onto the slide's grid give the mask's class almost everywhere in the tissue.
+    geojson = out / "cmu_small_region_regions.geojson"
+    features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
+    assert len(features) > 3 and all(shape(f["geometry"]).is_valid for f in features)
+    assert {f["properties"]["objectType"] for f in features} == {"annotation"}
+    for name in ("TUM", "STR", "LYM", "NEC"):
+        traced = sum(f["properties"]["measurements"]["Area µm^2"] for f in features
+                     if f["properties"]["classification"]["name"] == name) / 1e6
+        assert traced == pytest.approx(areas[name], rel=0.02, abs=1e-4)
+    assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 1  # 1 µm/px
+    classes = ClassSet.from_config(load_config(run_dir / "config.yaml"))
+    with OpenSlideReader(SVS) as reader:
+        tissue = open_slide(SVS, config_with()).tissue.sample(0, 0, *reader.size)
+    drawn = rasterize_regions(geojson, (2220, 2967), classes)
+    assert (drawn[tissue] == mask[tissue]).mean() >= 0.98

@@ -1,4 +1,5 @@
-"""Whole-slide prediction to files: pyramidal mask TIFF, overview PNG, and a JSON of tissue areas.
+"""Whole-slide prediction to files: pyramidal mask TIFF, overview PNG, class regions as GeoJSON, and a JSON of
+tissue areas.
 
 :func:`open_slide` checks a slide up front (OpenSlide can read it, its resolution is known, it
 holds tissue) so that bad inputs fail before the model loads; :func:`predict_slide` streams the
@@ -30,6 +31,7 @@ from construct.data.slide_reader import OpenSlideReader
 from construct.errors import DataError
 from construct.inference.overview import draw_overview
 from construct.inference.predictor import Predictor
+from construct.inference.regions import RegionSettings, write_regions
 from construct.inference.streaming import StreamingPredictor, stream_settings
 from construct.inference.tissue import MAX_THUMBNAIL_SIDE, TissueMask, detect_tissue
 
@@ -41,11 +43,21 @@ OVERVIEW_SIDE = 1024
 class SlideOutputs:
     mask: Path
     overview: Path
+    regions: Path
     areas: Path
+    """Written last: its presence marks a complete result."""
 
     @classmethod
     def for_slide(cls, out_dir: Path, name: str) -> SlideOutputs:
-        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_overview.png", out_dir / f"{name}_areas.json")
+        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_overview.png", out_dir / f"{name}_regions.geojson",
+                   out_dir / f"{name}_areas.json")
+
+    def files(self, regions: bool = True) -> list[Path]:
+        """The files of one slide, in the order they are put in place (the areas JSON last)."""
+        return [self.mask, self.overview, *([self.regions] if regions else []), self.areas]
+
+    def complete(self, regions: bool = True) -> bool:
+        return all(path.is_file() for path in self.files(regions))
 
 
 @dataclass
@@ -84,18 +96,26 @@ def area_report(class_pixels: np.ndarray, mpp: float, classes: ClassSet) -> dict
     }
 
 
+def region_settings(config: Config) -> RegionSettings:
+    slide = config.inference.slide
+    return RegionSettings(simplify_um=slide.regions_simplify_um, min_area_um2=slide.regions_min_area_um2)
+
+
 def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
-                  progress: Callable[[int], None] | None = None, overview_side: int = OVERVIEW_SIDE) -> dict[str, Any]:
+                  progress: Callable[[int], None] | None = None, overview_side: int = OVERVIEW_SIDE,
+                  regions: bool = True, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict ``slide`` into :class:`SlideOutputs` in ``out_dir``; returns what the JSON holds.
 
     ``progress`` is called with the output pixels of each finished window; ``overview_side`` is the
-    longer side of each panel of the overview PNG.
+    longer side of each panel of the overview PNG; ``regions`` also writes the class regions as
+    GeoJSON (traced from the finished mask TIFF, :mod:`construct.inference.regions`);
+    ``provenance`` (e.g. the checkpoint and config used) is stored in the JSON as it is.
     """
     started = time.perf_counter()
     reader = slide.reader
     config = predictor.config
     outputs = SlideOutputs.for_slide(out_dir, reader.name)
-    if reader.path.resolve() in {p.resolve() for p in (outputs.mask, outputs.overview, outputs.areas)}:
+    if reader.path.resolve() in {p.resolve() for p in outputs.files()}:
         raise DataError(f"{reader.path}: the output would overwrite the slide; choose another --out-dir")
     stream = StreamingPredictor(predictor, reader, stream_settings(config, config.data.mpp / reader.mpp),
                                 slide.tissue, progress=progress)
@@ -114,6 +134,7 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
             "class_colors": {name: list(rgb) for name, rgb in zip(classes.all_names, classes.palette)},
             **area_report(stream.stats.class_pixels, reader.mpp, classes),
             "tiles": stream.stats.tiles, "crf": predictor.uses_crf, "tta": predictor.tta.record(),
+            **(provenance or {}),
         }
         thumbnail = reader.thumbnail(overview_side)
         level = _overview_level(writer.sizes, thumbnail.shape[1], thumbnail.shape[0])
@@ -122,10 +143,17 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
         # Saved directly: the scratch folder already makes it atomic (and the file gets the usual permissions).
         overview = draw_overview(thumbnail, read_level(staged.mask, level), shares, title, classes)
         Image.fromarray(overview).save(staged.overview)
+        if regions:
+            traced = time.perf_counter()
+            settings = region_settings(config)
+            summary = write_regions(staged.mask, staged.regions, classes, reader.mpp, settings)
+            report["regions"] = {"file": outputs.regions.name, "features": summary.features, "mask_level": summary.level,
+                                 "simplify_um": settings.simplify_um, "min_area_um2": settings.min_area_um2,
+                                 "seconds": round(time.perf_counter() - traced, 2)}
         report["seconds"] = round(time.perf_counter() - started, 2)
         staged.areas.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for name in ("mask", "overview", "areas"):  # the JSON last: it marks a complete result
-            os.replace(getattr(staged, name), getattr(outputs, name))
+        for staged_file, output in zip(staged.files(regions), outputs.files(regions)):
+            os.replace(staged_file, output)  # the JSON last: it marks a complete result
     return report
 
 
