@@ -199,6 +199,7 @@ def train(
             for batch in train_loader:
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
+                objective.set_progress(iteration, total_iterations)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     losses = step_module(images, labels)
                 total = losses["total"]

@@ -19,7 +19,7 @@ def prepare_inputs(config: Config, dist_info: DistInfo) -> None:
         from construct.data.synthetic import generate_dataset
 
         generate_dataset(config.data.root, synthetic.train, synthetic.val, synthetic.test, synthetic.seed,
-                         size=config.model.image_size, style=synthetic.style)
+                         size=config.model.image_size, style=synthetic.style, painter=synthetic.painter)
     if config.model.testbed_seed is not None and dist_info.is_main:
         from construct.tools.testbed.pretrain import ensure_testbed
 

@@ -29,9 +29,11 @@ def main(args: argparse.Namespace) -> None:
         if not sep or key not in names:
             raise ConfigError(f"--budget: expected KEY=VALUE with KEY one of {', '.join(names)}, got '{text}'")
         try:
-            budget = replace(budget, **{key: float(value) if names[key] in (float, "float") else int(value)})
+            kind = {"float": float, "int": int}.get(getattr(names[key], "__name__", names[key]), str)
+            budget = replace(budget, **{key: kind(value)})
         except ValueError:
             raise ConfigError(f"--budget: '{value}' is not a number for {key}") from None
+    budget.painter_names()  # a bad painter list fails before anything is drawn
     manifest = ensure_testbed(args.out, args.seed, budget)
     print(f"premises (held-out synthetic tiles; {args.out / MANIFEST}):")
     print(format_premises(manifest["premises"]))
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for the pretrained towers (created)")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0)")
     parser.add_argument("--budget", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override the pretraining budget, e.g. conch_steps=20 (tests use a tiny one)")
+                        help="override the pretraining budget, e.g. conch_steps=20 (tests use a tiny one), or "
+                             "painters=noise,glands to hold the classic painter out (transfer measurement)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return parser
 
