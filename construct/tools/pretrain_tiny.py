@@ -6,7 +6,9 @@ Writes ``pytorch_model.bin`` (tiny CONCH, official key layout), ``mit/`` (tiny M
 folder) and ``testbed.json`` (seed, budget, premises) into ``--out``; a second run with the same
 seed reuses them. configs/demo.yaml points at these files and pretrains them on first use (with
 the default budget: a folder made with --budget overrides is not the one the demo expects).
-What is trained on what, and why: construct/tools/testbed/pretrain.py.
+``--budget painters=noise,glands`` pretrains without the classic painter (any subset of
+construct.data.synthetic.PAINTERS), so that the printed premises on the left-out painter measure
+transfer to tissue drawn another way. What is trained on what, and why: construct/tools/testbed/pretrain.py.
 """
 
 from __future__ import annotations
