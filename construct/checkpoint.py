@@ -113,3 +113,11 @@ def _same_backbone(saved: str, current: str) -> bool:
         return math.isclose(float(saved[7:]), float(current[7:]), rel_tol=1e-5)
     # Paths may legitimately move between machines; only random-vs-real is a real mismatch.
     return saved.startswith("random:") == current.startswith("random:")
+
+
+def check_classes(checkpoint: dict[str, Any], names: tuple[str, ...] | list[str], path: str | Path) -> None:
+    """Refuse a checkpoint trained for another class set than the config's (names and order)."""
+    saved = checkpoint.get("classes")
+    if saved is not None and list(saved) != list(names):
+        raise CheckpointError(f"{path}: was trained for classes [{', '.join(saved)}], "
+                              f"the config gives [{', '.join(names)}]")

@@ -79,12 +79,16 @@ class ClassSet:
 
     @classmethod
     def from_config(cls, config: Config) -> ClassSet:
-        """The class set ``config`` describes."""
-        # Bridge until the dataset description is part of the config: BCSS-WSSS.
-        from construct.constants import CLASS_NAMES, PALETTE
-
-        return cls(names=CLASS_NAMES, prompts=tuple(config.model.prompts), colors=PALETTE[:len(CLASS_NAMES)],
-                   background_name="BACK", background_color=PALETTE[-1])
+        """The class set ``config`` describes (``data.classes`` and ``data.background``)."""
+        data = config.data
+        return cls(
+            names=tuple(c.name for c in data.classes),
+            prompts=tuple(c.prompt for c in data.classes),
+            colors=tuple(_rgb(c.color) for c in data.classes),
+            background_name=data.background.name,
+            background_color=_rgb(data.background.color),
+            background_value=data.background.index,
+        )
 
     @classmethod
     def from_names(cls, names: Sequence[str], colors: Sequence[Sequence[int]] | None = None,

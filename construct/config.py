@@ -22,22 +22,6 @@ from construct.errors import ConfigError
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "Tumor (TUM) regions consist of malignant epithelial cells characterized by pleomorphic, "
-    "hyperchromatic nuclei, loss of glandular structure, and frequent mitotic figures, "
-    "representing the core cancerous lesions in breast tissue.",
-    "Stroma (STR) comprises the surrounding connective tissue, including fibroblasts and collagen "
-    "fibers, often appearing as pink fibrous structures and sometimes showing desmoplastic "
-    "reactions to tumor invasion.",
-    "Lymphocyte (LYM) regions contain dense clusters of small immune cells with dark, round nuclei "
-    "and minimal cytoplasm, reflecting the host immune response within the tumor "
-    "microenvironment.",
-    "Necrosis (NEC) represents areas of dead or dying tissue with pale, structureless eosinophilic "
-    "regions, nuclear debris, and \u201cghost\u201d cell remnants, typically associated with aggressive "
-    "tumor growth and poor vascularization.",
-)
-
-
 PAPER_SIM_OVERRIDES: tuple[str, ...] = ("loss.sim_views=image", "loss.sim_view_size=null", "loss.sim_max_pairs=0",
                                         "loss.sim_gradient=encoder")
 """The paper's L_sim as --opts: masked image views through CONCH at full size, every pair, gradient
@@ -46,7 +30,7 @@ through the encoder (construct.tools.bench and construct.tools.ablate compare it
 
 @dataclass
 class SyntheticConfig:
-    """Generate a synthetic BCSS-format dataset under ``data.root`` when it is missing."""
+    """Generate a synthetic dataset of the configured classes under ``data.root`` when it is missing."""
 
     train: int = 600
     """Number of training tiles (image-level labels in the file names)."""
@@ -63,14 +47,82 @@ class SyntheticConfig:
     """How tissue is drawn (construct/data/painters.py): 'classic' (the testbed's first painter), or
     'noise' / 'glands', which draw the same classes with other shapes, layouts and colours; a
     dataset by a painter the towers were not pretrained on measures transfer."""
+    textures: list[int] | None = None
+    """Generator texture of each class (0 tumour, 1 stroma, 2 lymphocytes, 3 necrosis); null = 0, 1, 2, ...
+    in class order."""
+    label_format: Literal["bits", "spaced"] = "bits"
+    """Train labels in the file names as [1101] or [1 1 0 1]; with data.label_csv set, a CSV is written instead."""
+    val_folder: str = "val"
+    """Name of the validation folder it writes (one of data.split_folders.val)."""
+    alveoli: bool = False
+    """White air spaces inside tissue, labelled background (as in lung)."""
+
+
+@dataclass
+class ClassConfig:
+    """One tissue class of the dataset (configs/datasets/ hold the presets)."""
+
+    name: str
+    """Short name used in tables, masks, legends and GeoJSON (e.g. TUM)."""
+    prompt: str
+    """Pathology description whose CONCH text embedding initialises the class's prototypes."""
+    color: list[int]
+    """Palette colour [r, g, b] (0-255) in masks, overviews and GeoJSON."""
+
+
+@dataclass
+class BackgroundConfig:
+    name: str = "BACK"
+    """Name of the background class in tables and legends."""
+    color: list[int] = field(default_factory=lambda: [255, 255, 255])
+    """Palette colour [r, g, b] of background."""
+    index: int | None = None
+    """Value of background in the dataset's masks (0..number of classes); null = the number of
+    classes, i.e. after the tissue classes (BCSS-WSSS and LUAD-HistoSeg: 4)."""
+
+
+@dataclass
+class BackgroundPriorConfig:
+    """Pixels brighter than a grey level are background (lung: white alveoli are not tissue)."""
+
+    grey_threshold: int = 200
+    """A pixel whose grey value (mean of R, G, B) exceeds this is forced to background."""
+    min_size: int = 50
+    """Bright regions smaller than this many pixels are left to the model (small holes removed)."""
+
+
+@dataclass
+class SplitFoldersConfig:
+    """Folder names accepted for each split under data.root (the first that exists is used)."""
+
+    train: list[str] = field(default_factory=lambda: ["train"])
+    """Train tiles: <root>/<name>/*.png, or <root>/<name>/img/*.png when that folder exists."""
+    val: list[str] = field(default_factory=lambda: ["val", "valid"])
+    """Validation: <root>/<name>/img/ and <root>/<name>/mask/ (only one of them may exist)."""
+    test: list[str] = field(default_factory=lambda: ["test"])
+    """Test: <root>/<name>/img/ and <root>/<name>/mask/."""
 
 
 @dataclass
 class DataConfig:
+    name: str = "dataset"
+    """Dataset name shown in tables and reports."""
+    classes: list[ClassConfig] = field(default_factory=list)
+    """Tissue classes in label order: name, prompt and colour each (at least 2; include a preset
+    from configs/datasets/ with _base_, or list your own)."""
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    label_csv: str | None = None
+    """Image-level train labels: null = in the file names ([1101] or [1 1 0 1]); a CSV path (relative
+    to data.root unless absolute) with a 'filename' column and either one 0/1 column per class or a
+    'labels' column of class names separated by spaces, commas or semicolons."""
+    split_folders: SplitFoldersConfig = field(default_factory=SplitFoldersConfig)
+    background_prior: BackgroundPriorConfig | None = None
+    """When set, bright pixels are forced to background in every predicted mask (LUAD-HistoSeg:
+    on; BCSS-WSSS: off)."""
     root: str = "data/BCSS-WSSS"
-    """Dataset root holding train/, val|valid/ and test/ (method.md §1 layout)."""
-    val_split: str = "val"
-    """Split used for model selection during training (val or test)."""
+    """Dataset root holding the train, validation and test split folders."""
+    val_split: Literal["val", "valid", "test"] = "val"
+    """Split used for model selection during training ('valid' is the same as 'val')."""
     num_workers: int = 4
     """DataLoader worker processes (0 = load in the main process)."""
     synthetic: SyntheticConfig | None = None
@@ -117,8 +169,6 @@ class ModelConfig:
     """Weight of each CAM level in the fused CAM (same length as cam_levels)."""
     distill_pairs: list[list[int]] = field(default_factory=lambda: [[3, 3]])
     """[student level, teacher stage] pairs matched by the relational structural loss."""
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    """One text description per class (TUM, STR, LYM, NEC) that initialises its prototypes."""
     prototypes_per_class: int = 1
     """K learnable prototypes per class; a class's CAM is the max over its K prototypes."""
     projector_ratio: float = 0.5
@@ -189,6 +239,12 @@ class TrainConfig:
     """Also write latest.pth every N iterations; 0 = only at each validation."""
     log_interval: int = 10
     """Write a JSONL log line every N iterations."""
+    fast_path: bool = False
+    """CUDA only: frozen CONCH and MiT forwards replayed as CUDA graphs with bf16 weights, fused
+    AdamW, and the non-finite-loss check kept on the device and read at log, validation and
+    checkpoint iterations (the error still names the first bad iteration). Off until the GPU check
+    shows it matches eager (docs/benchmarks.md). On the CPU only the deferred check applies; the
+    rest is left out with a note."""
 
 
 @dataclass
@@ -223,6 +279,12 @@ class SlideConfig:
     """Resolution (µm/px) of the thumbnail that tissue is detected on (coarser for slides over 4096 px there)."""
     tissue_saturation: float = 0.07
     """Minimum HSV saturation (0-1) of a tissue pixel on that thumbnail; glass is grey-white."""
+    regions_simplify_um: float = 1.0
+    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with; they are traced on
+    the coarsest level of the mask pyramid whose pixel is no wider than this."""
+    regions_min_area_um2: float = 25.0
+    """Regions smaller than this (µm²) are left out of <name>_regions.geojson: specks smaller than a nucleus
+    (the areas JSON still counts every pixel)."""
 
 
 @dataclass
@@ -247,7 +309,19 @@ class InferenceConfig:
     """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
     batch_size: int = 16
     """Images per forward pass at inference and validation."""
+    fast_path: bool = False
+    """CUDA only: CONCH's frozen forward replayed as CUDA graphs with bf16 weights, one graph per
+    TTA pass shape (evaluation, export, slides); ignored on the CPU. Training validation follows
+    train.fast_path instead."""
     slide: SlideConfig = field(default_factory=SlideConfig)
+
+
+@dataclass
+class EvaluationConfig:
+    background: Literal["counted", "ignored"] = "counted"
+    """How ground-truth background enters the metrics. 'counted' (TPRO, PBIP, ConStruct): a class of the
+    (C+1)x(C+1) matrix, left out of the mean over tissue classes. 'ignored' (WSSS-Tissue): ground-truth
+    background pixels are left out. Validation during training uses it too."""
 
 
 @dataclass
@@ -259,6 +333,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -329,6 +404,11 @@ def _build(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> 
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
         raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
     kwargs = {k: _convert(v, hints[k], prefix + k, source) for k, v in values.items()}
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in kwargs:
+            raise ConfigError(f"{source}: '{prefix}{name}' is required")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a field without a default was not given
@@ -371,7 +451,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 BASE_KEY = "_base_"
-"""A config may name another file (relative to itself) whose values it overrides."""
+"""A config may name another file, or a list of files (relative to itself), whose values it overrides."""
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -399,9 +479,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = values.pop(BASE_KEY, None)
     if base is None:
         return values
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: '{BASE_KEY}' must be a file path")
-    return _merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), values)
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be a file path or a list of them (later ones override earlier ones)")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        merged = _merge(merged, _read_yaml(path.parent / name, chain + (path.resolve(),)))
+    return _merge(merged, values)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -462,8 +546,7 @@ def validate(config: Config, source: str) -> None:
             fail("model.teacher.checkpoint", f"must be {expected_teacher} (beside the testbed CONCH) when model.testbed_seed is set")
         if model.conch.preset != "tiny" or model.teacher.preset != "tiny":
             fail("model.testbed_seed", "needs the tiny presets (model.conch.preset and model.teacher.preset: tiny)")
-    if len(model.prompts) != 4:
-        fail("model.prompts", f"needs one prompt per class (TUM, STR, LYM, NEC), got {len(model.prompts)}")
+    validate_dataset(config.data, fail)
     if model.prototypes_per_class < 1:
         fail("model.prototypes_per_class", "must be at least 1")
     if len(config.train.betas) != 2:
@@ -507,5 +590,45 @@ def validate(config: Config, source: str) -> None:
         fail("inference.slide.tissue_mpp", f"must be a positive resolution in µm/px, got {slide.tissue_mpp}")
     if not 0.0 < slide.tissue_saturation < 1.0:
         fail("inference.slide.tissue_saturation", f"must lie in (0, 1), got {slide.tissue_saturation}")
-    if config.data.val_split not in ("val", "valid", "test"):
-        fail("data.val_split", f"must be val, valid or test, got '{config.data.val_split}'")
+    if not slide.regions_simplify_um > 0:
+        fail("inference.slide.regions_simplify_um", f"must be a positive length in µm, got {slide.regions_simplify_um}")
+    if not slide.regions_min_area_um2 >= 0:
+        fail("inference.slide.regions_min_area_um2", f"must be >= 0 µm², got {slide.regions_min_area_um2}")
+
+
+def validate_dataset(data: DataConfig, fail: typing.Callable[[str, str], None]) -> None:
+    """The dataset description: at least two uniquely named classes, RGB colours, a valid background."""
+    if len(data.classes) < 2:
+        fail("data.classes", f"needs at least 2 tissue classes, got {len(data.classes)} (include a preset from "
+             "configs/datasets/ with _base_, or list name, prompt and color for each class)")
+    seen: set[str] = set()
+    for i, cls in enumerate(data.classes):
+        if not cls.name.strip():
+            fail(f"data.classes[{i}].name", "must not be empty")
+        if cls.name in seen or cls.name == data.background.name:
+            fail(f"data.classes[{i}].name", f"'{cls.name}' is used twice (class names and the background's must differ)")
+        seen.add(cls.name)
+        if not cls.prompt.strip():
+            fail(f"data.classes[{i}].prompt", f"must describe class {cls.name} (it initialises its prototypes)")
+        _check_colour(cls.color, f"data.classes[{i}].color", fail)
+    _check_colour(data.background.color, "data.background.color", fail)
+    index = data.background.index
+    if index is not None and not 0 <= index <= len(data.classes):
+        fail("data.background.index", f"must be a mask value in 0..{len(data.classes)}, got {index}")
+    for split in ("train", "val", "test"):
+        if not getattr(data.split_folders, split):
+            fail(f"data.split_folders.{split}", "must name at least one folder")
+    if data.synthetic is not None and data.synthetic.val_folder not in data.split_folders.val:
+        fail("data.synthetic.val_folder", f"'{data.synthetic.val_folder}' is not one of data.split_folders.val "
+             f"{data.split_folders.val}")
+    prior = data.background_prior
+    if prior is not None:
+        if not 0 <= prior.grey_threshold < 255:
+            fail("data.background_prior.grey_threshold", f"must lie in 0..254, got {prior.grey_threshold}")
+        if prior.min_size < 0:
+            fail("data.background_prior.min_size", f"must be >= 0, got {prior.min_size}")
+
+
+def _check_colour(color: list[int], key: str, fail: typing.Callable[[str, str], None]) -> None:
+    if len(color) != 3 or any(not 0 <= c <= 255 for c in color):
+        fail(key, f"must be [r, g, b] with values 0-255, got {color}")

@@ -1,20 +1,8 @@
-"""Dataset and model constants from the method specification (docs: method.md §1)."""
+"""Model constants from the method specification: each network's input normalisation.
 
-CLASS_NAMES: tuple[str, ...] = ("TUM", "STR", "LYM", "NEC")
-"""The four tissue classes, in label-bit order."""
-
-ALL_CLASS_NAMES: tuple[str, ...] = CLASS_NAMES + ("BACK",)
-NUM_CLASSES = len(CLASS_NAMES)
-BACKGROUND_INDEX = 4
-"""Mask value of background / excluded pixels."""
-
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (255, 0, 0),  # TUM
-    (0, 255, 0),  # STR
-    (0, 0, 255),  # LYM
-    (153, 0, 255),  # NEC
-    (255, 255, 255),  # BACK
-)
+The class set is not a constant: it comes from the dataset description in the config
+(configs/datasets/, construct.classes.ClassSet).
+"""
 
 # Each network normalises with the statistics it was trained with (CONCH: OpenAI CLIP's; the
 # SegFormer teacher: ImageNet's), never with dataset statistics (the authors' code feeds CONCH

@@ -1,8 +1,14 @@
 """Segmentation metrics from a streaming confusion matrix (method.md §8).
 
 Rows are ground truth, columns prediction. IoU_c = TP/(GT_c + Pred_c − TP) and
-Dice_c = 2·TP/(GT_c + Pred_c). mIoU and mDice average the tissue classes only: the last class
-(background, index 4) counts in the matrix, FwIoU and pixel accuracy, but not in the means.
+Dice_c = 2·TP/(GT_c + Pred_c). mIoU and mDice average the tissue classes only. Background (the
+last class) is handled by one of two conventions that papers use:
+
+- ``counted`` (TPRO, PBIP, ConStruct): background is a class of the (C+1)×(C+1) matrix and counts in
+  FwIoU and pixel accuracy, but not in the means;
+- ``ignored`` (WSSS-Tissue): ground-truth background pixels are left out entirely (a tissue pixel
+  predicted as background still counts as an error); background's own IoU is then undefined.
+
 A class absent from both ground truth and prediction has no defined IoU or Dice: it is NaN,
 left out of the means (nan-mean), and written as null in JSON. All values are percentages.
 """
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from construct.constants import ALL_CLASS_NAMES
+BACKGROUND_CONVENTIONS: tuple[str, ...] = ("counted", "ignored")
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,8 @@ class SegmentationMetrics:
     """Per-class and summary metrics, in percent (NaN where undefined)."""
 
     class_names: tuple[str, ...]
+    background: str
+    """Background convention: 'counted' or 'ignored' (see the module docstring)."""
     iou: tuple[float, ...]
     dice: tuple[float, ...]
     miou: float
@@ -38,6 +46,7 @@ class SegmentationMetrics:
             return None if math.isnan(v) else float(v)
 
         return {
+            "background": self.background,
             "miou": clean(self.miou),
             "mdice": clean(self.mdice),
             "fwiou": clean(self.fwiou),
@@ -60,7 +69,9 @@ class SegmentationMetrics:
         lines += [f"{n:<{width}} {fmt(i)} {fmt(d)}" for n, i, d in zip(self.class_names, self.iou, self.dice)]
         tissue = "/".join(self.class_names[:-1])
         lines.append(f"mIoU  {fmt(self.miou)}   mDice {fmt(self.mdice)}   (mean over {tissue})")
-        lines.append(f"FwIoU {fmt(self.fwiou)}   PixAcc{fmt(self.pixel_accuracy)}")
+        lines.append(f"FwIoU {fmt(self.fwiou)}   PixAcc{fmt(self.pixel_accuracy)}   (background {self.background}: "
+                     + ("ground-truth background pixels left out)" if self.background == "ignored"
+                        else "a class of the matrix, not of the means)"))
         return "\n".join(lines)
 
 
@@ -68,17 +79,16 @@ class ConfusionMatrix:
     """Streaming num_classes×num_classes confusion matrix (rows GT, columns prediction).
 
     The matrix lives on ``device``; with ``device=None`` it is created on the device of the
-    first ``update``, so CUDA predictions are counted without a copy to the CPU. The last class
-    is background: it is excluded from mIoU/mDice.
+    first ``update``, so CUDA predictions are counted without a copy to the CPU. ``class_names``
+    are the tissue classes then background (the last class): it is excluded from mIoU/mDice.
     """
 
-    def __init__(self, num_classes: int = len(ALL_CLASS_NAMES), device: torch.device | str | None = None) -> None:
+    def __init__(self, class_names: tuple[str, ...] | list[str], device: torch.device | str | None = None) -> None:
+        num_classes = len(class_names)
         if num_classes < 2:
             raise ValueError(f"need at least 2 classes (tissue + background), got {num_classes}")
         self.num_classes = num_classes
-        self.class_names = (
-            ALL_CLASS_NAMES if num_classes == len(ALL_CLASS_NAMES) else tuple(f"C{i}" for i in range(num_classes))
-        )
+        self.class_names = tuple(class_names)
         self.matrix: torch.Tensor | None = None
         if device is not None:
             self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -115,21 +125,29 @@ class ConfusionMatrix:
         if self.matrix is not None:
             self.matrix.zero_()
 
-    def compute(self) -> SegmentationMetrics:
-        """Metrics of everything counted so far (all NaN if nothing was counted)."""
+    def compute(self, background: str = "counted") -> SegmentationMetrics:
+        """Metrics of everything counted so far under a background convention (all NaN if nothing was counted)."""
+        if background not in BACKGROUND_CONVENTIONS:
+            raise ValueError(f"unknown background convention {background!r}; expected one of {BACKGROUND_CONVENTIONS}")
         n = self.num_classes
         counts = np.zeros((n, n), np.int64) if self.matrix is None else self.matrix.cpu().numpy()
+        if background == "ignored":
+            counts = counts.copy()
+            counts[-1] = 0  # the ground-truth background row
         cm = counts.astype(np.float64)
         tp, gt, pred = np.diag(cm), cm.sum(1), cm.sum(0)
         total = cm.sum()
         with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 → NaN is the intent
             iou = 100.0 * tp / (gt + pred - tp)
             dice = 100.0 * 2.0 * tp / (gt + pred)
+            if background == "ignored":
+                iou[-1] = dice[-1] = math.nan
             # Absent classes have weight 0; nansum keeps their NaN IoU from poisoning the sum.
             fwiou = float(np.nansum(gt / total * iou)) if total else math.nan
             accuracy = 100.0 * float(tp.sum() / total) if total else math.nan
         return SegmentationMetrics(
             class_names=self.class_names,
+            background=background,
             iou=tuple(float(v) for v in iou),
             dice=tuple(float(v) for v in dice),
             miou=_nanmean(iou[:-1]),

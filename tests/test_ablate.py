@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from construct.tools.ablate import build_parser, main
+from support import BCSS
+
 from construct.data.synthetic import generate_dataset
+from construct.tools.ablate import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ablation_runner_writes_table_and_curves(tmp_path):
     root = tmp_path / "data"
-    generate_dataset(root, n_train=16, n_val=3, n_test=3, seed=5, size=64)
+    generate_dataset(root, n_train=16, n_val=3, n_test=3, seed=5, classes=BCSS, size=64)
     out = tmp_path / "ablation"
     args = build_parser().parse_args([
         "--config", str(REPO / "configs" / "demo_random.yaml"), "--variants", "cls,full", "--seeds", "0",

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import BCSS
 
+from construct.checkpoint import FORMAT
 from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
 from construct.data.synthetic import generate_dataset
 from construct.data.synthetic_slide import write_synthetic_slide
-from construct.checkpoint import FORMAT
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError
@@ -42,7 +43,7 @@ class ArbitraryObject:
 @pytest.fixture(scope="module")
 def clean_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_inputs") / "data"
-    generate_dataset(root, n_train=4, n_val=2, n_test=2, seed=0, size=SIZE)
+    generate_dataset(root, n_train=4, n_val=2, n_test=2, seed=0, classes=BCSS, size=SIZE)
     return root
 
 
@@ -92,9 +93,13 @@ def run(argv: list[str | Path]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The single ``error:`` line of a failed CLI call (progress bars may precede it on stderr)."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+def one_error_line(result: subprocess.CompletedProcess, status: int = 2) -> str:
+    """The single ``error:`` line of a failed CLI call (progress bars may precede it on stderr).
+
+    ``status`` 2: the command refused its input; 1: predict_slide reported a bad slide of the cohort
+    (and went on with the others).
+    """
+    assert result.returncode == status, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -104,7 +109,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 # --- the matrix: each row builds a bad input and says what the error line must name -------------
 
-Row = Callable[[Path, pytest.FixtureRequest], tuple[list[str | Path], list[str]]]
+Row = Callable[[Path, pytest.FixtureRequest], tuple]
+"""(argv, parts the error line must hold[, exit status when not 2])."""
 ROWS: dict[str, Row] = {}
 
 
@@ -176,7 +182,7 @@ def mask_containing_7(tmp_path, request):
 def mask_size_differs_from_image(tmp_path, request):
     root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
     mask = first_val_mask(root)
-    write_mask(mask, np.zeros((SIZE // 2, SIZE // 2), np.uint8))
+    write_mask(mask, np.zeros((SIZE // 2, SIZE // 2), np.uint8), BCSS)
     image = root / "val" / "img" / mask.name
     return main_args(root, tmp_path / "run"), [str(mask), "mask size 32×32 does not match image", str(image),
                                                "64×64"]
@@ -264,6 +270,10 @@ def cuda_device_without_cuda(tmp_path, request):
     return argv, ["cuda:0 was requested", "no usable CUDA device", "--device cpu"]
 
 
+SLIDE_FAILED = 1
+"""Exit status of predict_slide when a slide of the cohort failed (the others go on; cohort.csv names it)."""
+
+
 def slide_args(run_dir: Path, slide: Path, out_dir: Path) -> list[str | Path]:
     return script_args("predict_slide", run_dir, slide, "--out-dir", out_dir, "--no-tta", "--no-crf")
 
@@ -273,7 +283,7 @@ def slide_file_that_is_not_a_slide(tmp_path, request):
     fake = tmp_path / "notes.svs"
     fake.write_text("a text file with a slide's name")
     argv = slide_args(request.getfixturevalue("trained_run"), fake, tmp_path / "out")
-    return argv, [str(fake), "not a slide OpenSlide can read"]
+    return argv, [str(fake), "not a slide OpenSlide can read"], SLIDE_FAILED
 
 
 @row
@@ -281,7 +291,7 @@ def slide_without_resolution_and_no_mpp_flag(tmp_path, request):
     slide = tmp_path / "no_mpp.tif"
     write_synthetic_slide(slide, 600, 400, mpp=None)
     argv = slide_args(request.getfixturevalue("trained_run"), slide, tmp_path / "out")
-    return argv, [str(slide), "does not state its resolution", "--mpp"]
+    return argv, [str(slide), "does not state its resolution", "--mpp"], SLIDE_FAILED
 
 
 @row
@@ -299,13 +309,13 @@ def slide_without_tissue(tmp_path, request):
     slide = tmp_path / "glass.tif"
     write_synthetic_slide(slide, 600, 400, mpp=0.5, tissue=False)
     argv = slide_args(request.getfixturevalue("trained_run"), slide, tmp_path / "out")
-    return argv, [str(slide), "no tissue found"]
+    return argv, [str(slide), "no tissue found"], SLIDE_FAILED
 
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input_ends_in_one_clear_line(name, tmp_path, request):
-    argv, expected = ROWS[name](tmp_path, request)
-    line = one_error_line(run(argv))
+    argv, expected, *status = ROWS[name](tmp_path, request)
+    line = one_error_line(run(argv), *status)
     print(f"{name}: {line}")  # the matrix as users see it (pytest -rP)
     for part in expected:
         assert part in line, f"{part!r} not in {line!r}"
@@ -338,12 +348,12 @@ def test_grey_and_rgba_tiles_are_accepted_and_converted(clean_data, tmp_path):
     val_image = sorted((root / "val" / "img").glob("*.png"))[0]
     Image.fromarray(grey, mode="L").save(val_image)
 
-    dataset = TrainDataset(root, augment=False)
+    dataset = TrainDataset(root, BCSS, augment=False)
     grey_item, rgba_item = dataset[0]["image"], dataset[1]["image"]
     assert grey_item.shape == rgba_item.shape == (3, SIZE, SIZE) and grey_item.dtype == torch.float32
     for channel in range(3):
         assert torch.equal(grey_item[channel], torch.from_numpy(grey).float() / 255)
     assert torch.allclose(rgba_item[:, :, 0], torch.tensor([120, 60, 30]).float()[:, None] / 255)
     assert torch.equal(rgba_item[:, :, -1], torch.ones(3, SIZE))  # transparent → white slide background
-    val_item = EvalDataset(root, "val")[0]
+    val_item = EvalDataset(root, "val", BCSS)[0]
     assert val_item["image"].shape == (3, SIZE, SIZE) and val_item["mask"].shape == (SIZE, SIZE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, data: dict) -> Path:
+    """A config file on the BCSS-WSSS preset (the class set every config needs), unless it names its own."""
+    if "_base_" not in data and "classes" not in data.get("data", {}):
+        data = {"_base_": str(REPO / "configs/datasets/bcss_wsss.yaml"), **data}
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -42,10 +46,13 @@ def test_testbed_towers_must_be_the_testbed_layout(override, key):
         load_config(REPO / "configs/demo.yaml", [override])
 
 
-def test_empty_file_gives_defaults(tmp_path):
+def test_empty_file_asks_for_a_class_set(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("")
-    assert load_config(path) == Config()
+    with pytest.raises(ConfigError, match=r"'data\.classes' needs at least 2 tissue classes"):
+        load_config(path)
+    on_preset = load_config(write(tmp_path / "d.yaml", {}))
+    assert dataclasses.replace(on_preset, data=Config().data) == Config()  # everything else takes its default
 
 
 def test_unknown_key_names_file_and_dotted_key_with_suggestion(tmp_path):
@@ -76,6 +83,18 @@ def test_unknown_section_suggests(tmp_path):
 def test_wrong_types_name_the_key(tmp_path, data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(write(tmp_path / "c.yaml", data))
+
+
+def test_fast_path_switches_default_off_and_take_booleans_only(tmp_path):
+    path = write(tmp_path / "c.yaml", {})
+    config = load_config(path)
+    assert config.train.fast_path is False and config.inference.fast_path is False  # until the GPU check shows a match
+    config = load_config(path, ["train.fast_path=true", "inference.fast_path=true"])
+    assert config.train.fast_path is True and config.inference.fast_path is True
+    for key in ("train.fast_path", "inference.fast_path"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+            load_config(path, [f"{key}=reduce-overhead"])
+        assert "\n" not in str(error.value)
 
 
 def test_int_accepted_for_float_and_null_for_optional(tmp_path):
@@ -110,8 +129,8 @@ def test_cross_field_validation(tmp_path):
         load_config(write(tmp_path / "b.yaml", {"model": {"cam_levels": [2, 3], "cam_level_weights": [1.0]}}))
     with pytest.raises(ConfigError, match="model.image_size"):
         load_config(write(tmp_path / "c.yaml", {"model": {"image_size": 200}}))
-    with pytest.raises(ConfigError, match="model.prompts"):
-        load_config(write(tmp_path / "d.yaml", {"model": {"prompts": ["only one"]}}))
+    with pytest.raises(ConfigError, match="data.classes"):
+        load_config(write(tmp_path / "d.yaml", {"data": {"classes": [{"name": "A", "prompt": "a", "color": [1, 2, 3]}]}}))
 
 
 def test_tta_mode_and_factors(tmp_path):

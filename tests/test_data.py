@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from support import BCSS
 
-from construct.constants import PALETTE
 from construct.data import (
     EvalDataset,
     ImageFolderDataset,
@@ -43,7 +43,7 @@ def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
 def _eval_split(root: Path, split: str = "val", n: int = 2, size: int = 8) -> None:
     for i in range(n):
         _save(root / split / "img" / f"t{i}.png", _rgb(size, size))
-        write_mask(root / split / "mask" / f"t{i}.png", np.full((size, size), i % 5, np.uint8))
+        write_mask(root / split / "mask" / f"t{i}.png", np.full((size, size), i % 5, np.uint8), BCSS)
 
 
 # --- io ------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_corrupt_files_raise_data_error_naming_them(tmp_path: Path, kind: str) -
     bad = tmp_path / f"{kind}.png"
     data = {"garbage": b"not a png at all", "truncated": good.read_bytes()[: good.stat().st_size // 2], "empty": b""}
     bad.write_bytes(data[kind])
-    for reader in (read_image, read_mask):
+    for reader in (read_image, lambda path: read_mask(path, BCSS)):
         with pytest.raises(DataError, match=f"{kind}.png"):
             reader(bad)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
@@ -98,13 +98,13 @@ def test_missing_file_and_16bit_image(tmp_path: Path) -> None:
 
 def test_mask_round_trip_uses_the_project_palette(tmp_path: Path) -> None:
     mask = RNG.integers(0, 5, (7, 9), dtype=np.uint8)
-    write_mask(tmp_path / "m.png", mask)
+    write_mask(tmp_path / "m.png", mask, BCSS)
     with Image.open(tmp_path / "m.png") as img:
         assert img.mode == "P"
-        assert img.getpalette()[:15] == [v for rgb in PALETTE for v in rgb]
-    assert np.array_equal(read_mask(tmp_path / "m.png"), mask)
+        assert img.getpalette()[:15] == [v for rgb in BCSS.palette for v in rgb]
+    assert np.array_equal(read_mask(tmp_path / "m.png", BCSS), mask)
     grey = _save(tmp_path / "l.png", mask)  # an 'L' mask is accepted too
-    assert np.array_equal(read_mask(grey), mask)
+    assert np.array_equal(read_mask(grey, BCSS), mask)
 
 
 def test_mask_with_invalid_value_names_file_and_values(tmp_path: Path) -> None:
@@ -112,17 +112,17 @@ def test_mask_with_invalid_value_names_file_and_values(tmp_path: Path) -> None:
     mask[0, 0], mask[1, 1] = 7, 200
     path = _save(tmp_path / "bad_mask.png", mask)
     with pytest.raises(DataError, match=r"bad_mask\.png.*7, 200"):
-        read_mask(path)
+        read_mask(path, BCSS)
 
 
 def test_rgb_mask_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="rgb_mask.png"):
-        read_mask(_save(tmp_path / "rgb_mask.png", _rgb()))
+        read_mask(_save(tmp_path / "rgb_mask.png", _rgb()), BCSS)
 
 
 def test_write_mask_rejects_bad_values(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        write_mask(tmp_path / "m.png", np.full((2, 2), 5))
+        write_mask(tmp_path / "m.png", np.full((2, 2), 5), BCSS)
     assert not any(tmp_path.iterdir())
 
 
@@ -152,7 +152,7 @@ def test_valid_spelling_and_ambiguity(tmp_path: Path) -> None:
     _eval_split(tmp_path, "valid")
     assert resolve_split_dir(tmp_path, "val") == tmp_path / "valid"
     assert resolve_split_dir(tmp_path, "valid") == tmp_path / "valid"
-    assert len(EvalDataset(tmp_path, "val")) == 2
+    assert len(EvalDataset(tmp_path, "val", BCSS)) == 2
     _eval_split(tmp_path, "val")
     with pytest.raises(DataError, match="both"):
         resolve_split_dir(tmp_path, "val")
@@ -170,7 +170,7 @@ def test_train_dataset_items_and_bad_label_at_construction(tmp_path: Path) -> No
     _save(tmp_path / "train" / "b+0[0110].png", _rgb(4, 6))
     _save(tmp_path / "train" / "a+0[1 0 0 1].png", _rgb(4, 6))
     (tmp_path / "train" / "notes.txt").write_text("ignored")
-    ds = TrainDataset(tmp_path, augment=False)
+    ds = TrainDataset(tmp_path, BCSS, augment=False)
     assert [ds[i]["name"] for i in range(len(ds))] == ["a+0[1 0 0 1]", "b+0[0110]"]  # sorted
     item = ds[1]
     assert item["image"].shape == (3, 4, 6) and item["image"].dtype == torch.float32
@@ -178,13 +178,13 @@ def test_train_dataset_items_and_bad_label_at_construction(tmp_path: Path) -> No
     assert item["label"].tolist() == [0, 1, 1, 0]
     _save(tmp_path / "train" / "c+0[012].png", _rgb())
     with pytest.raises(DataError, match=r"c\+0\[012\]\.png"):
-        TrainDataset(tmp_path)
+        TrainDataset(tmp_path, BCSS)
 
 
 def test_eval_dataset_items(tmp_path: Path) -> None:
     _save(tmp_path / "test" / "img" / "x.png", _rgb(4, 4))
-    write_mask(tmp_path / "test" / "mask" / "x.png", np.array([[0, 2], [4, 4]]).repeat(2, 0).repeat(2, 1))
-    item = EvalDataset(tmp_path, "test")[0]
+    write_mask(tmp_path / "test" / "mask" / "x.png", np.array([[0, 2], [4, 4]]).repeat(2, 0).repeat(2, 1), BCSS)
+    item = EvalDataset(tmp_path, "test", BCSS)[0]
     assert item["name"] == "x"
     assert item["image"].shape == (3, 4, 4)
     assert item["mask"].dtype == torch.int64 and item["mask"].shape == (4, 4)
@@ -195,13 +195,13 @@ def test_missing_mask(tmp_path: Path) -> None:
     _eval_split(tmp_path, "test")
     (tmp_path / "test" / "mask" / "t1.png").unlink()
     with pytest.raises(DataError, match=r"mask.*t1\.png"):
-        EvalDataset(tmp_path, "test")
+        EvalDataset(tmp_path, "test", BCSS)
 
 
 def test_size_mismatch(tmp_path: Path) -> None:
     _save(tmp_path / "val" / "img" / "x.png", _rgb(8, 8))
-    write_mask(tmp_path / "val" / "mask" / "x.png", np.zeros((8, 6), np.uint8))
-    ds = EvalDataset(tmp_path, "val")
+    write_mask(tmp_path / "val" / "mask" / "x.png", np.zeros((8, 6), np.uint8), BCSS)
+    ds = EvalDataset(tmp_path, "val", BCSS)
     with pytest.raises(DataError, match=r"x\.png.*does not match"):
         ds[0]
 
@@ -275,12 +275,12 @@ def test_make_tile_is_deterministic() -> None:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("syn") / "data"
-    generate_dataset(out, n_train=4, n_val=2, n_test=3, seed=7, size=64)
+    generate_dataset(out, n_train=4, n_val=2, n_test=3, seed=7, classes=BCSS, size=64)
     return out
 
 
 def test_generated_layout_reads_back(synthetic: Path) -> None:
-    train = TrainDataset(synthetic, augment=True)
+    train = TrainDataset(synthetic, BCSS, augment=True)
     assert len(train) == 4
     for i, path in enumerate(train.paths):
         match = re.search(r"_xmin(\d+)_ymin(\d+)_", path.name)
@@ -290,7 +290,7 @@ def test_generated_layout_reads_back(synthetic: Path) -> None:
         assert path.name.startswith("SYN-0001_") and path.name.endswith("].png")
         assert train[i]["image"].shape == (3, 64, 64)
     for split, n in (("val", 2), ("test", 3)):
-        ds = EvalDataset(synthetic, split)
+        ds = EvalDataset(synthetic, split, BCSS)
         assert len(ds) == n
         item = ds[0]
         assert item["mask"].shape == (64, 64)
@@ -304,8 +304,8 @@ def test_generated_layout_reads_back(synthetic: Path) -> None:
 
 
 def test_generation_is_deterministic_per_seed(synthetic: Path, tmp_path: Path) -> None:
-    generate_dataset(tmp_path / "again", 4, 2, 3, seed=7, size=64)
-    generate_dataset(tmp_path / "other", 4, 2, 3, seed=8, size=64)
+    generate_dataset(tmp_path / "again", 4, 2, 3, seed=7, classes=BCSS, size=64)
+    generate_dataset(tmp_path / "other", 4, 2, 3, seed=8, classes=BCSS, size=64)
     files = sorted(p.relative_to(synthetic) for p in synthetic.rglob("*.png"))
     assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*.png"))
     assert all((synthetic / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in files)
@@ -315,11 +315,11 @@ def test_generation_is_deterministic_per_seed(synthetic: Path, tmp_path: Path) -
 
 def test_manifest_skip_and_refusals(synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     stamp = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*")}
-    generate_dataset(synthetic, 4, 2, 3, seed=7, size=64)
+    generate_dataset(synthetic, 4, 2, 3, seed=7, classes=BCSS, size=64)
     assert "skipping" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in synthetic.rglob("*")} == stamp
     with pytest.raises(DataError, match="other arguments"):
-        generate_dataset(synthetic, 5, 2, 3, seed=7, size=64)
+        generate_dataset(synthetic, 5, 2, 3, seed=7, classes=BCSS, size=64)
     args = ["--out", str(synthetic), "--train", "4", "--val", "2", "--test", "3", "--seed", "8", "--size", "64"]
     assert main(args) == 1
     assert "refusing" in capsys.readouterr().err
@@ -328,7 +328,7 @@ def test_manifest_skip_and_refusals(synthetic: Path, tmp_path: Path, capsys: pyt
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="refusing"):
-        generate_dataset(foreign, 1, 1, 1, seed=0, size=64)
+        generate_dataset(foreign, 1, 1, 1, seed=0, classes=BCSS, size=64)
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
 
 
@@ -339,5 +339,5 @@ def test_incomplete_dataset_and_empty_dir(tmp_path: Path) -> None:
     assert (empty / MANIFEST).is_file()
     next((empty / "test" / "mask").iterdir()).unlink()
     with pytest.raises(DataError, match="missing files"):
-        generate_dataset(empty, 1, 1, 1, seed=0, size=64)
+        generate_dataset(empty, 1, 1, 1, seed=0, classes=BCSS, size=64)
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no staging folder left behind

@@ -37,7 +37,8 @@ def test_dry_run_runs_every_part(tmp_path) -> None:
     assert "every part ok" in result.stdout
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
-    assert list(parts) == ["environment", "train_bench", "data", "train_run", "eval", "torchrun", "projection"]
+    assert list(parts) == ["environment", "train_bench", "train_match", "data", "train_run", "train_run_fast", "loader",
+                           "eval", "torchrun", "projection"]
     assert all(part["status"] == "ok" for part in parts.values()), parts
     assert report["ok"] and report["dry_run"]
 
@@ -49,17 +50,29 @@ def test_dry_run_runs_every_part(tmp_path) -> None:
         assert entry["overrides"] == VARIANTS[name]
         assert entry["at_batch"]["batch"] == 2 and entry["at_batch"]["seconds_per_step"] > 0
         assert all(math.isfinite(v) for v in entry["at_batch"]["losses"].values())
+        fast = entry["at_batch_fast"]  # eager and fast side by side; on the CPU the fast step runs eager
+        assert fast["batch"] == 2 and fast["seconds_per_step"] > 0 and fast["cuda_graphs"] == 0
+        assert fast["losses"].keys() == entry["at_batch"]["losses"].keys()
     searched = [entry for entry in bench.values() if "largest_batch" in entry]
     assert len(searched) == 1 and searched[0]["largest_batch"]["batch"] == 4  # the dry run's upper end
     assert "sim" in searched[0]["at_batch"]["losses"] or "struct" in searched[0]["at_batch"]["losses"]
 
-    run = parts["train_run"]
-    assert run["iterations"] == 2 and run["num_workers"] == 1 and not run["pin_memory"]
-    assert {"best.pth", "latest.pth"} <= set(run["checkpoints"])
-    assert run["steady_seconds_per_iteration"] > 0 and 0 <= run["val_miou"] <= 100
+    match = parts["train_match"]
+    assert [len(match["losses"][path]) for path in ("eager", "fast")] == [3, 3]
+    assert match["match"] and match["max_relative_difference"]["total"] == 0.0  # the same CPU step twice
+
+    for name, fast in (("train_run", False), ("train_run_fast", True)):
+        run = parts[name]
+        assert run["fast_path"] is fast
+        assert run["iterations"] == 2 and run["num_workers"] == 1 and not run["pin_memory"]
+        assert {"best.pth", "latest.pth"} <= set(run["checkpoints"])
+        assert run["steady_seconds_per_iteration"] > 0 and 0 <= run["val_miou"] <= 100
+    assert "train.fast_path=true" in (out / "logs" / "train_run_fast.log").read_text()
+    assert parts["loader"]["images"] > 0 and parts["loader"]["images_per_s"] > 0
 
     settings = parts["eval"]["settings"]
-    assert list(settings) == ["no TTA, no CRF", "TTA, no CRF", "TTA + CRF pool (2 workers)"]
+    eager_settings = ["no TTA, no CRF", "TTA, no CRF", "TTA + CRF pool (2 workers)"]
+    assert list(settings) == eager_settings + [f"{name}, fast path" for name in eager_settings]
     for entry in settings.values():
         assert entry["images"] == 4 and entry["images_per_s"] > 0 and entry["network_s"] > 0
 
@@ -70,10 +83,14 @@ def test_dry_run_runs_every_part(tmp_path) -> None:
     assert projection["train_iterations"] == 2 * (23_422 // 10)
     assert projection["train_minutes"] and all(v > 0 for v in projection["train_minutes"].values())
     assert projection["test_minutes"] and all(v > 0 for v in projection["test_minutes"].values())
+    assert {"main.py, default config (data loading included)",
+            "main.py, default config (data loading included), fast path"} <= set(projection["train_minutes"])
+    assert sum("fast path" in name for name in projection["test_minutes"]) == 2  # one and both protocols
 
     markdown = (out / "gpu_check.md").read_text()
     assert markdown.startswith("## GPU check: ")
-    assert all(f"| {name} | 2 |" in markdown for name in VARIANTS)
+    assert all(f"| {name} | 2 |" in markdown and f"| {name} | 2 (fast path) |" in markdown for name in VARIANTS)
+    assert "Eager vs fast path" in markdown and "**match**" in markdown
     assert markdown in result.stdout  # printed as well as written
 
 
@@ -131,9 +148,10 @@ def test_parts_out_of_budget_are_skipped_and_the_exit_status_says_so(tmp_path) -
     assert result.returncode == 1
     parts = json.loads((out / "gpu_check.json").read_text())["parts"]
     assert parts["environment"]["status"] == "ok"
-    assert [parts[n]["status"] for n in ("train_bench", "train_run", "eval", "torchrun")] == ["skipped"] * 4
+    measuring = ("train_bench", "train_match", "train_run", "train_run_fast", "loader", "eval", "torchrun")
+    assert [parts[n]["status"] for n in measuring] == ["skipped"] * len(measuring)
     assert parts["projection"]["status"] == "failed" and "nothing to project" in parts["projection"]["error"]
-    assert "not ok: train_bench, train_run, eval, torchrun, projection" in result.stdout
+    assert f"not ok: {', '.join(measuring)}, projection" in result.stdout
 
 
 def _check(tmp_path: Path) -> Check:

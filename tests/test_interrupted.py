@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
-from construct.data.synthetic import generate_dataset
 from construct.checkpoint import load_checkpoint
+from construct.data.synthetic import generate_dataset
 from construct.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("interrupted")
-    generate_dataset(base / "data", n_train=8, n_val=2, n_test=2, seed=0, size=64)
+    generate_dataset(base / "data", n_train=8, n_val=2, n_test=2, seed=0, classes=BCSS, size=64)
     launcher = base / "launch_with_fault.py"
     launcher.write_text(LAUNCHER, encoding="utf-8")
     return {"data": base / "data", "launcher": launcher}

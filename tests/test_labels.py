@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
 from construct.data.labels import parse_label
 from construct.errors import DataError
@@ -19,15 +20,15 @@ from construct.errors import DataError
     ],
 )
 def test_parses_both_spellings(name: str, expected: list[int]) -> None:
-    label = parse_label(name)
+    label = parse_label(name, BCSS.names)
     assert label.dtype == torch.float32
     assert label.tolist() == expected
 
 
 def test_only_the_file_name_is_read(tmp_path: Path) -> None:
     path = tmp_path / "run[0]" / "odd[1 1 1 1] dir" / "tile+0[0110].png"
-    assert parse_label(path).tolist() == [0, 1, 1, 0]
-    assert parse_label(str(path)).tolist() == [0, 1, 1, 0]
+    assert parse_label(path, BCSS.names).tolist() == [0, 1, 1, 0]
+    assert parse_label(str(path), BCSS.names).tolist() == [0, 1, 1, 0]
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,7 @@ def test_only_the_file_name_is_read(tmp_path: Path) -> None:
 )
 def test_rejects_bad_names_naming_the_file(name: str) -> None:
     with pytest.raises(DataError) as info:
-        parse_label(Path("/data/train") / name)
+        parse_label(Path("/data/train") / name, BCSS.names)
     message = str(info.value)
     assert name in message
     assert "binary digits" in message
@@ -53,4 +54,4 @@ def test_rejects_bad_names_naming_the_file(name: str) -> None:
 
 def test_parent_folder_label_is_not_used() -> None:
     with pytest.raises(DataError):
-        parse_label("/data/[1101]/tile.png")
+        parse_label("/data/[1101]/tile.png", BCSS.names)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from support import BCSS
 
 from construct.metrics import ConfusionMatrix
 
@@ -17,7 +18,7 @@ PRED = torch.tensor([0, 1, 1, 1, 4, 0])
 
 
 def test_hand_computed_example() -> None:
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix(BCSS.all_names)
     cm.update(PRED, TARGET)
     m = cm.compute()
     # TP = (1, 2, -, -, 1), GT = (2, 2, 0, 0, 2), Pred = (2, 3, 0, 0, 1)
@@ -36,7 +37,7 @@ def test_hand_computed_example() -> None:
 
 
 def test_missed_and_spurious_classes_score_zero_not_nan() -> None:
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix(BCSS.all_names)
     cm.update(torch.tensor([[0, 0], [0, 0]]), torch.tensor([[0, 2], [0, 0]]))  # LYM missed
     cm.update(torch.tensor([3]), torch.tensor([0]))  # NEC predicted, absent from GT
     m = cm.compute()
@@ -49,7 +50,7 @@ def test_missed_and_spurious_classes_score_zero_not_nan() -> None:
 
 def test_perfect_prediction() -> None:
     target = torch.randint(0, 5, (2, 16, 16))
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix(BCSS.all_names)
     cm.update(target.clone(), target)
     m = cm.compute()
     assert m.miou == pytest.approx(100.0) and m.mdice == pytest.approx(100.0)
@@ -60,7 +61,7 @@ def test_batched_updates_equal_one_update_and_merge() -> None:
     gen = torch.Generator().manual_seed(0)
     pred = torch.randint(0, 5, (6, 3, 20, 20), generator=gen)
     target = torch.randint(0, 5, (6, 3, 20, 20), generator=gen, dtype=torch.uint8)
-    whole, parts, a, b = ConfusionMatrix(), ConfusionMatrix(), ConfusionMatrix(), ConfusionMatrix()
+    whole, parts, a, b = ConfusionMatrix(BCSS.all_names), ConfusionMatrix(BCSS.all_names), ConfusionMatrix(BCSS.all_names), ConfusionMatrix(BCSS.all_names)
     whole.update(pred, target)
     for i in range(6):
         parts.update(pred[i], target[i])
@@ -74,12 +75,12 @@ def test_batched_updates_equal_one_update_and_merge() -> None:
 
 
 def test_empty_matrix_is_all_nan() -> None:
-    m = ConfusionMatrix().compute()
+    m = ConfusionMatrix(BCSS.all_names).compute()
     assert all(math.isnan(v) for v in (m.miou, m.mdice, m.fwiou, m.pixel_accuracy, *m.iou))
 
 
 def test_json_and_table() -> None:
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix(BCSS.all_names)
     cm.update(PRED, TARGET)
     m = cm.compute()
     d = json.loads(json.dumps(m.to_dict(), allow_nan=False))
@@ -92,7 +93,7 @@ def test_json_and_table() -> None:
 
 
 def test_invalid_inputs() -> None:
-    cm = ConfusionMatrix()
+    cm = ConfusionMatrix(BCSS.all_names)
     with pytest.raises(ValueError, match="shape"):
         cm.update(torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
@@ -102,13 +103,13 @@ def test_invalid_inputs() -> None:
     with pytest.raises(ValueError, match="0..4"):
         cm.update(torch.tensor([0]), torch.tensor([-1]))
     with pytest.raises(ValueError, match="merge"):
-        cm.merge(ConfusionMatrix(num_classes=3))
+        cm.merge(ConfusionMatrix(("A", "B", "BACK")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     pred, target = torch.randint(0, 5, (4, 64, 64)), torch.randint(0, 5, (4, 64, 64))
-    cpu, gpu = ConfusionMatrix(), ConfusionMatrix()
+    cpu, gpu = ConfusionMatrix(BCSS.all_names), ConfusionMatrix(BCSS.all_names)
     cpu.update(pred, target)
     gpu.update(pred.cuda(), target.cuda())
     assert gpu.matrix.device.type == "cuda"

@@ -66,7 +66,7 @@ def test_prototypes_start_at_text_embeddings():
     config = tiny_config("model.prototypes_per_class=2")
     model = build_model(config)
     with torch.no_grad():
-        text = model.conch.encode_text(tokenize(config.model.prompts))
+        text = model.conch.encode_text(tokenize([c.prompt for c in config.data.classes]))
     assert torch.allclose(model.prototypes()[0::2], text, atol=1e-5)
     assert torch.allclose(model.prototypes()[1::2], text, atol=1e-5)
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import BCSS
 
 from construct.cli import run_cli
 from construct.config import load_config
-from construct.constants import ALL_CLASS_NAMES, PALETTE
 from construct.data.io import read_mask
 from construct.data.synthetic import generate_dataset
 from construct.engine.distributed import DistInfo
@@ -33,7 +33,7 @@ METRICS = ("miou", "mdice", "fwiou", "pixel_accuracy")
 def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, cls + struct losses) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("scripts")
-    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0)
+    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
     config = load_config(REPO / "configs" / "demo_random.yaml", [
         f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=4", "loss.sim_weight=0",
@@ -60,8 +60,8 @@ def model_args(run: Path) -> list[str | Path]:
 def check_palette_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     with Image.open(path) as img:
         assert img.mode == "P" and img.size == size
-        assert img.getpalette()[:15] == [v for rgb in PALETTE for v in rgb]
-    return read_mask(path)  # raises on values outside 0-4
+        assert img.getpalette()[:15] == [v for rgb in BCSS.palette for v in rgb]
+    return read_mask(path, BCSS)  # raises on values outside 0-4
 
 
 def test_evaluate_performance_both_protocols_with_crf(run_dir, tmp_path):
@@ -76,10 +76,10 @@ def test_evaluate_performance_both_protocols_with_crf(run_dir, tmp_path):
         assert record["tta"] == {"mode": "off", "factors": [1.0], "flip": False, "forward_passes": 1}
         for key in METRICS:
             assert record[key] is None or 0.0 <= record[key] <= 100.0
-        assert set(record["per_class"]) == set(ALL_CLASS_NAMES)
+        assert set(record["per_class"]) == set(BCSS.all_names)
         assert all(set(v) == {"iou", "dice"} for v in record["per_class"].values())
         assert np.array(record["confusion_matrix"]).sum() == 3 * 224 * 224
-    for name in ALL_CLASS_NAMES + ("mIoU", "mDice", "FwIoU", "PixAcc"):
+    for name in BCSS.all_names + ("mIoU", "mDice", "FwIoU", "PixAcc"):
         assert name in result.stdout
 
 

@@ -16,9 +16,11 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from shapely.geometry import shape
+from support import BCSS
 
+from construct.classes import ClassSet
 from construct.config import load_config
-from construct.constants import PALETTE
 from construct.data.io import read_image
 from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
 from construct.data.slide_reader import ArrayReader, OpenSlideReader
@@ -30,6 +32,7 @@ from construct.errors import DataError
 from construct.inference import streaming
 from construct.inference.cam_canvas import CamCanvas
 from construct.inference.predictor import Predictor
+from construct.inference.regions import rasterize_regions
 from construct.inference.slide import open_slide, predict_slide
 from construct.inference.streaming import canvas_cell, predict_region, tile_offsets
 from construct.inference.tissue import TissueMask, detect_tissue
@@ -171,7 +174,7 @@ def test_array_reader_mirrors_at_the_border():
 def test_mask_tiff_pyramid_from_uneven_bands(tmp_path):
     mask = np.random.default_rng(0).integers(0, 5, (700, 530), dtype=np.uint8)
     path = tmp_path / "mask.tif"
-    writer = MaskTiffWriter(path, (530, 700), 0.5, tmp_path)
+    writer = MaskTiffWriter(path, (530, 700), 0.5, tmp_path, BCSS)
     tops = [0, 300, 377, 600]
     writer.write((top, mask[top:bottom]) for top, bottom in zip(tops, tops[1:] + [700]))
     assert writer.sizes == pyramid_sizes(530, 700) == [(530, 700), (265, 350), (133, 175)]
@@ -182,7 +185,7 @@ def test_mask_tiff_pyramid_from_uneven_bands(tmp_path):
     assert slide.level_count == 3 and slide.level_dimensions[1] == (265, 350)
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     rgb = np.asarray(slide.read_region((0, 0), 0, (530, 700)).convert("RGB"))
-    np.testing.assert_array_equal(rgb, np.array(PALETTE, np.uint8)[mask])  # the palette shows class colours
+    np.testing.assert_array_equal(rgb, np.array(BCSS.palette, np.uint8)[mask])  # the palette shows class colours
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def test_failure_midway_leaves_no_output(small_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         predict_slide(open_slide(path, config), predictor, out)
-    assert list(out.iterdir()) == []  # no TIFF, no PNG, no JSON, no scratch folder
+    assert list(out.iterdir()) == []  # no TIFF, no PNG, no GeoJSON, no JSON, no scratch folder
 
 
 def test_slide_without_tissue_is_refused(tmp_path):
@@ -258,7 +261,7 @@ def test_slide_without_tissue_is_refused(tmp_path):
 def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, 224 px) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("slide_run")
-    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0)
+    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
     config = load_config(REPO / "configs" / "demo_random.yaml", [
         f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8", "loss.sim_weight=0",
@@ -277,7 +280,8 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["cmu_small_region_areas.json", "cmu_small_region_mask.tif",
-                                                      "cmu_small_region_overview.png"]
+                                                      "cmu_small_region_overview.png", "cmu_small_region_regions.geojson",
+                                                      "cohort.csv", "cohort.json"]
     assert "mm² tissue" in result.stdout
 
     slide = openslide.OpenSlide(str(out / "cmu_small_region_mask.tif"))
@@ -304,3 +308,20 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
 
     with Image.open(out / "cmu_small_region_overview.png") as overview:
         assert overview.mode == "RGB" and overview.width > 1000 and overview.height > 600
+
+    # The regions as QuPath annotations: valid polygons whose class areas are the JSON's, and which
+    # drawn back onto the slide's grid give the mask's class almost everywhere in the tissue.
+    geojson = out / "cmu_small_region_regions.geojson"
+    features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
+    assert len(features) > 3 and all(shape(f["geometry"]).is_valid for f in features)
+    assert {f["properties"]["objectType"] for f in features} == {"annotation"}
+    for name in ("TUM", "STR", "LYM", "NEC"):
+        traced = sum(f["properties"]["measurements"]["Area µm^2"] for f in features
+                     if f["properties"]["classification"]["name"] == name) / 1e6
+        assert traced == pytest.approx(areas[name], rel=0.02, abs=1e-4)
+    assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 1  # 1 µm/px
+    classes = ClassSet.from_config(load_config(run_dir / "config.yaml"))
+    with OpenSlideReader(SVS) as reader:
+        tissue = open_slide(SVS, config_with()).tissue.sample(0, 0, *reader.size)
+    drawn = rasterize_regions(geojson, (2220, 2967), classes)
+    assert (drawn[tissue] == mask[tissue]).mean() >= 0.98

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BCSS
 
 import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
+from construct.checkpoint import load_checkpoint
 from construct.config import load_config
 from construct.data.synthetic import generate_dataset
-from construct.checkpoint import load_checkpoint
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 from construct.errors import ConfigError
@@ -27,7 +28,7 @@ DEMO = REPO / "configs" / "demo_random.yaml"
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, size=64)
+    generate_dataset(root, n_train=24, n_val=4, n_test=4, seed=3, classes=BCSS, size=64)
     return root
 
 
@@ -135,6 +136,78 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_last_checkpoint(data_root
     with pytest.raises(TrainingError, match="iteration 3"):
         train(config, CPU)
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 2
+
+
+def test_deferred_nan_guard_stops_at_the_next_sync_naming_the_first_bad_iteration(data_root, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """train.fast_path checks the loss on the device and reads it at log/validation/checkpoint
+    iterations only; on the CPU that is the one part of the fast path that applies."""
+    calls = {"n": 0}
+    real_loss = objective_module.classification_loss
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        value = real_loss(logits, labels)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(objective_module, "classification_loss", poisoned)
+    config = small_config(data_root, tmp_path / "run", "train.fast_path=true", "train.checkpoint_interval=2",
+                          "train.log_interval=5", "train.eval_interval=6")
+    with pytest.raises(TrainingError, match=r"loss is not finite at iteration 3 \(cls=nan, .*latest\.pth"):
+        train(config, CPU)
+    assert calls["n"] == 4  # iteration 4 ran: the check waited for the checkpoint iteration
+    assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 2
+    assert not (tmp_path / "run" / "best.pth").exists()
+    assert "note: train.fast_path on cpu" in capsys.readouterr().out
+
+
+def _reference_cpu_run(config, iterations: int) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """The CPU training loop as it was before the fast path: plain AdamW, fp32, the poly schedule,
+    the same data order. Returns each step's losses and the trainable state at the end."""
+    from torch.utils.data import DataLoader
+
+    from construct.data.datasets import train_dataset
+    from construct.engine.data import ResumableSampler, SeededAugmentation
+    from construct.engine.objective import ConStructObjective
+    from construct.models.build import build_model, build_teacher
+
+    train_cfg = config.train
+    dataset = train_dataset(config, augment=False)
+    sampler = ResumableSampler(len(dataset), train_cfg.batch_size, train_cfg.seed)
+    loader = DataLoader(SeededAugmentation(dataset, train_cfg.seed), batch_size=train_cfg.batch_size, sampler=sampler)
+    model = build_model(config, "cpu")
+    objective = ConStructObjective(model, build_teacher(config, "cpu"), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
+                                  weight_decay=train_cfg.weight_decay, betas=tuple(train_cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer_module.poly_lambda(iterations, train_cfg.poly_power))
+    model.train()
+    seen = []
+    for batch in loader:
+        losses = objective(batch["image"], batch["label"])
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        scheduler.step()
+        seen.append({name: float(value.detach()) for name, value in losses.items()})
+        if len(seen) == iterations:
+            break
+    return seen, model.trainable_state_dict()
+
+
+@pytest.mark.parametrize("fast_path", ["false", "true"])
+def test_cpu_training_is_the_plain_fp32_loop_whatever_the_switch(data_root, tmp_path, fast_path):
+    config = small_config(data_root, tmp_path / "run", "train.max_iters=3", f"train.fast_path={fast_path}")
+    torch.manual_seed(0)  # DataLoader iterators draw their base seed from the global generator
+    train(config, CPU)
+    torch.manual_seed(0)
+    expected_losses, expected_state = _reference_cpu_run(config, 3)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = [{name: r[name] for name in expected_losses[0]} for r in records if r["kind"] == "train"]
+    assert logged == expected_losses
+    state = load_checkpoint(tmp_path / "run" / "latest.pth")["model"]
+    assert state.keys() == expected_state.keys()
+    for key, value in expected_state.items():
+        assert torch.equal(state[key], value), key
 
 
 def run_main(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

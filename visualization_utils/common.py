@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from construct.cli import add_device_arguments, resolve_device
 from construct.config import Config, load_config
-from construct.data.datasets import EvalDataset, TrainDataset
+from construct.data.datasets import eval_dataset, train_dataset
 from construct.inference.predictor import Predictor
 from construct.models.build import load_trained_model
 from construct.models.construct import ConStructModel
@@ -74,8 +74,8 @@ def split_dataset(config: Config, split: str) -> tuple[Dataset, str]:
     segmenter); val/test follow ``inference.presence``.
     """
     if split == "train":
-        return TrainDataset(config.data.root, augment=False), "ground_truth"
-    return EvalDataset(config.data.root, split), config.inference.presence
+        return train_dataset(config), "ground_truth"
+    return eval_dataset(config, split), config.inference.presence
 
 
 def first(dataset: Dataset, count: int | None) -> Dataset:

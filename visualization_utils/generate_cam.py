@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from construct.classes import ClassSet
 from construct.cli import run_cli
 from construct.data.datasets import ImageFolderDataset
 from construct.data.io import read_image, write_image, write_mask
@@ -38,8 +39,9 @@ from visualization_utils.common import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Predict a mask for every image of a split or folder with a trained ConStruct checkpoint. "
-        "Masks are palette PNGs (0=TUM 1=STR 2=LYM 3=NEC 4=BACK) named like the inputs; a generate_cam.json "
-        "beside them records the presence protocol, checkpoint and settings.")
+        "Masks are palette PNGs in the dataset's mask values and colours (BCSS-WSSS: 0=TUM 1=STR 2=LYM 3=NEC "
+        "4=BACK) named like the inputs; a generate_cam.json beside them records the classes, presence protocol, "
+        "checkpoint and settings.")
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", choices=("test", "val", "train"),
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder (default: <checkpoint dir>/<split>_cams or <checkpoint dir>/<input-dir name>_cams)")
     parser.add_argument("--save-cam", action="store_true",
                         help="also write cam/<name>.npy: the normalised, presence-gated CAMs the mask was computed "
-                        "from (float16, 4 x H x W in TUM, STR, LYM, NEC order, values 0-1; with --input-dir, gated and "
+                        "from (float16, C x H x W in the dataset's class order, values 0-1; with --input-dir, gated and "
                         "normalised per tile and averaged where tiles overlap)")
     parser.add_argument("--overlay", action="store_true",
                         help="also write overlay/<name>.png: the image blended with the palette colours of its mask")
@@ -63,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def save_outputs(out_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, cams: np.ndarray | None,
-                 save_overlay: bool) -> None:
-    write_mask(out_dir / f"{name}.png", mask)
+                 save_overlay: bool, classes: ClassSet) -> None:
+    write_mask(out_dir / f"{name}.png", mask, classes)
     if cams is not None:
         with atomic_output(out_dir / "cam" / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, cams.astype(np.float16))
     if save_overlay:
-        write_image(out_dir / "overlay" / f"{name}.png", overlay(image, mask))
+        write_image(out_dir / "overlay" / f"{name}.png", overlay(image, mask, classes))
 
 
 def predict_split(predictor: Predictor, dataset: Dataset, protocol: str, num_workers: int, out_dir: Path,
@@ -79,7 +81,8 @@ def predict_split(predictor: Predictor, dataset: Dataset, protocol: str, num_wor
     for batch in loader:
         predictions = predictor.predict_batch(batch["image"], presence_of(batch), protocol, batch["name"])
         for name, image, prediction in zip(batch["name"], to_uint8_images(batch["image"]), predictions):
-            save_outputs(out_dir, name, image, prediction.mask, prediction.cams if args.save_cam else None, args.overlay)
+            save_outputs(out_dir, name, image, prediction.mask, prediction.cams if args.save_cam else None, args.overlay,
+                         predictor.classes)
         progress.update(len(predictions))
 
 
@@ -89,7 +92,7 @@ def predict_folder(predictor: Predictor, paths: list[Path], out_dir: Path, args:
     for path in paths:
         image = read_image(path)
         mask, cams = predict_region(predictor, image, path.stem, keep_cams=args.save_cam)
-        save_outputs(out_dir, path.stem, image, mask, cams, args.overlay)
+        save_outputs(out_dir, path.stem, image, mask, cams, args.overlay, predictor.classes)
         progress.update(1)
 
 
@@ -109,7 +112,11 @@ def main(args: argparse.Namespace) -> None:
             predict_folder(predictor, paths, out_dir, args, progress)
         else:
             predict_split(predictor, dataset, protocol, config.data.num_workers, out_dir, args, progress)
-    info = {"source": str(args.input_dir or args.split), "protocol": protocol, "checkpoint": str(args.checkpoint),
+    classes = predictor.classes
+    info = {"source": str(args.input_dir or args.split), "dataset": config.data.name,
+            "classes": {name: {"mask_value": value, "color": list(rgb)}
+                        for name, value, rgb in zip(classes.all_names, classes.mask_values, classes.palette)},
+            "cam_channels": list(classes.names), "protocol": protocol, "checkpoint": str(args.checkpoint),
             "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": count}
     with atomic_output(out_dir / "generate_cam.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

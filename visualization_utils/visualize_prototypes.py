@@ -20,9 +20,9 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
+from construct.classes import ClassSet
 from construct.cli import run_cli
 from construct.config import Config
-from construct.constants import ALL_CLASS_NAMES, PALETTE
 from construct.data.datasets import ImageFolderDataset
 from construct.errors import DataError
 from construct.inference.predictor import Predictor, to_uint8_images
@@ -80,14 +80,14 @@ def similarity_maps(model: ConStructModel, config: Config, image: torch.Tensor, 
 
 
 def draw(image: np.ndarray, gt: np.ndarray | None, prediction: np.ndarray, protocol: str, sims: np.ndarray,
-         scores: np.ndarray, names: list[str], per_class: int, title: str) -> Figure:
+         scores: np.ndarray, names: list[str], per_class: int, title: str, classes: ClassSet) -> Figure:
     panels = 2 + (gt is not None) + len(sims)
     cols = min(4, panels)
     rows = math.ceil(panels / cols)
     fig = Figure(figsize=(3.4 * cols, 3.4 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    shown = [("image", image)] + ([("ground truth", colorize(gt))] if gt is not None else [])
-    shown.append((f"prediction ({protocol} presence)", colorize(prediction)))
+    shown = [("image", image)] + ([("ground truth", colorize(gt, classes))] if gt is not None else [])
+    shown.append((f"prediction ({protocol} presence)", colorize(prediction, classes)))
     for ax, (label, picture) in zip(axes, shown):
         ax.imshow(picture)
         ax.set_title(label, fontsize=9)
@@ -99,7 +99,7 @@ def draw(image: np.ndarray, gt: np.ndarray | None, prediction: np.ndarray, proto
     for ax in axes:
         ax.axis("off")
     legend = [Patch(facecolor=np.array(rgb) / 255.0, edgecolor="black", label=name)
-              for name, rgb in zip(ALL_CLASS_NAMES, PALETTE)]
+              for name, rgb in zip(classes.all_names, classes.palette)]
     fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8)
     fig.suptitle(title, fontsize=10)
     return fig
@@ -113,7 +113,8 @@ def main(args: argparse.Namespace) -> None:
     model = load_trained_model(config, args.checkpoint, device)
     out_dir = args.out_dir or args.checkpoint.parent / "prototypes"
     per_class = model.prototypes.per_class
-    names = prototype_names(per_class)
+    classes = ClassSet.from_config(config)
+    names = prototype_names(classes.names, per_class)
     with Predictor(model, config, device, tta=True, crf=config.inference.crf.enabled, workers=1) as predictor:
         for item, path, protocol in found:
             image = item["image"]
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
             sims, scores = similarity_maps(model, config, image, device, str(path))
             gt = item["mask"].numpy().astype(np.uint8) if "mask" in item else None
             fig = draw(to_uint8_images(image[None])[0], gt, prediction.mask, protocol, sims, scores, names, per_class,
-                       title=path.name)
+                       title=path.name, classes=classes)
             target = out_dir / f"{path.stem}_prototypes.png"
             with atomic_output(target) as tmp:
                 fig.savefig(tmp, format="png", dpi=100)

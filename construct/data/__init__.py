@@ -1,17 +1,18 @@
-"""BCSS-WSSS data: file-name labels, image/mask I/O, datasets, augmentation, synthetic data."""
+"""Tile data: file-name and CSV labels, image/mask I/O, datasets, augmentation, synthetic data."""
 
 from construct.data.datasets import (
     IMAGE_SUFFIXES,
-    LAYOUT,
     EvalDataset,
     ImageFolderDataset,
     TrainDataset,
+    eval_dataset,
     list_images,
     resolve_split_dir,
     to_tensor,
+    train_dataset,
 )
 from construct.data.io import read_image, read_mask, write_image, write_mask
-from construct.data.labels import parse_label
+from construct.data.labels import parse_label, read_label_csv
 from construct.data.transforms import flip_rotate
 
 
@@ -27,20 +28,22 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "LAYOUT",
     "EvalDataset",
     "ImageFolderDataset",
     "TrainDataset",
+    "eval_dataset",
     "flip_rotate",
     "generate_dataset",
     "list_images",
     "make_tile",
     "parse_label",
+    "read_label_csv",
     "read_image",
     "read_mask",
     "resolve_split_dir",
     "tile_rng",
     "to_tensor",
+    "train_dataset",
     "write_image",
     "write_mask",
 ]

@@ -1,34 +1,39 @@
-"""BCSS-WSSS datasets (method.md §1): labelled train tiles, masked val/test tiles, and
-plain image folders for inference.
+"""Tile datasets: labelled train tiles, masked val/test tiles, and plain image folders for inference.
 
-Layout::
+Layout (folder names from ``data.split_folders``)::
 
-    <root>/train/*.png                      labels in the file names, e.g. ...+0[1101].png
-    <root>/{val|valid}/img/*.png            with <root>/{val|valid}/mask/<same name>.png
-    <root>/test/img/*.png                   with <root>/test/mask/<same name>.png
+    <root>/train/*.png  (or <root>/train/img/*.png)   labels in the file names or in data.label_csv
+    <root>/{val|valid}/img/*.png                      with <root>/{val|valid}/mask/<same name>.png
+    <root>/test/img/*.png                             with <root>/test/mask/<same name>.png
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from construct.constants import NUM_CLASSES
+from construct.classes import ClassSet
 from construct.data.io import read_image, read_mask
-from construct.data.labels import parse_label
+from construct.data.labels import parse_label, read_label_csv
 from construct.data.transforms import flip_rotate
 from construct.errors import DataError
 
-LAYOUT = (
-    "expected <root>/train/*.png, <root>/val/img/*.png + <root>/val/mask/*.png "
-    "('valid' is accepted for 'val') and <root>/test/img/*.png + <root>/test/mask/*.png"
-)
+if TYPE_CHECKING:
+    from construct.config import Config
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "valid": ("val", "valid"), "test": ("test",)}
+DEFAULT_FOLDERS: Mapping[str, Sequence[str]] = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+
+
+def _layout(folders: Mapping[str, Sequence[str]]) -> str:
+    train, val, test = ("|".join(folders[k]) for k in ("train", "val", "test"))
+    return (f"expected <root>/{train}/*.png (or <root>/{train}/img/*.png), <root>/{val}/img/*.png + "
+            f"<root>/{val}/mask/*.png and <root>/{test}/img/*.png + <root>/{test}/mask/*.png")
 
 
 def list_images(folder: Path, suffixes: Sequence[str] = (".png",)) -> list[Path]:
@@ -42,32 +47,43 @@ def list_images(folder: Path, suffixes: Sequence[str] = (".png",)) -> list[Path]
     )
 
 
-def resolve_split_dir(root: str | Path, split: str) -> Path:
+def resolve_split_dir(root: str | Path, split: str, folders: Mapping[str, Sequence[str]] = DEFAULT_FOLDERS) -> Path:
     """Return the folder of ``split`` ('train', 'val' or 'valid', 'test') under ``root``.
 
-    Raises DataError when the root, split, ``img`` or ``mask`` folder is missing, when both
-    ``val`` and ``valid`` exist (ambiguous), or when the split holds no PNG tiles.
+    Its images are in :func:`image_folder`. Raises DataError when the root, split, ``img`` or ``mask``
+    folder is missing, when two accepted names of one split both exist (ambiguous), or when the
+    split holds no PNG tiles.
     """
     root = Path(root)
-    if split not in _SPLIT_FOLDERS:
+    split = "val" if split == "valid" else split
+    if split not in ("train", "val", "test"):
         raise DataError(f"unknown split {split!r}; expected one of train, val (or valid), test")
+    layout = _layout(folders)
     if not root.is_dir():
-        raise DataError(f"dataset root {root} not found; {LAYOUT}")
-    found = [root / name for name in _SPLIT_FOLDERS[split] if (root / name).is_dir()]
+        raise DataError(f"dataset root {root} not found; {layout}")
+    found = [root / name for name in folders[split] if (root / name).is_dir()]
     if not found:
-        names = " or ".join(str(root / n) for n in _SPLIT_FOLDERS[split])
-        raise DataError(f"split folder {names} not found; {LAYOUT}")
+        names = " or ".join(str(root / n) for n in folders[split])
+        raise DataError(f"split folder {names} not found; {layout}")
     if len(found) > 1:
-        raise DataError(f"both {found[0]} and {found[1]} exist; keep only one validation folder")
+        raise DataError(f"both {found[0]} and {found[1]} exist; keep only one {split} folder")
     split_dir = found[0]
-    image_dir = split_dir if split == "train" else split_dir / "img"
+    image_dir = image_folder(split_dir, split)
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir} not found; {LAYOUT}")
+        raise DataError(f"{image_dir} not found; {layout}")
     if not list_images(image_dir):
-        raise DataError(f"{image_dir} holds no .png tiles; {LAYOUT}")
+        raise DataError(f"{image_dir} holds no .png tiles; {layout}")
     if split != "train" and not (split_dir / "mask").is_dir():
-        raise DataError(f"{split_dir / 'mask'} not found; {LAYOUT}")
+        raise DataError(f"{split_dir / 'mask'} not found; {layout}")
     return split_dir
+
+
+def image_folder(split_dir: Path, split: str) -> Path:
+    """Val/test images are in ``<split>/img`` (beside ``<split>/mask``); train tiles in ``train/img``
+    when that folder exists (TPRO's LUAD layout), else directly in ``train/``."""
+    if split == "train" and not (split_dir / "img").is_dir():
+        return split_dir
+    return split_dir / "img"
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -78,13 +94,19 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class TrainDataset(Dataset):
     """Train tiles with image-level labels: items ``{"image", "label", "name"}``.
 
-    ``image`` is 3×H×W float in [0, 1], ``label`` a float (4,) vector, ``name`` the file
-    stem. All labels are parsed at construction, so a bad file name fails before training.
+    ``image`` is 3×H×W float in [0, 1], ``label`` a float (C,) vector over ``classes``, ``name``
+    the file stem. Labels come from the file names, or from ``label_csv`` when given; all are read
+    at construction, so a bad name or row fails before training.
     """
 
-    def __init__(self, root: str | Path, augment: bool = True) -> None:
-        self.paths = list_images(resolve_split_dir(root, "train"))
-        self.labels = torch.stack([parse_label(p) for p in self.paths])
+    def __init__(self, root: str | Path, classes: ClassSet, augment: bool = True, label_csv: str | Path | None = None,
+                 folders: Mapping[str, Sequence[str]] = DEFAULT_FOLDERS) -> None:
+        image_dir = image_folder(resolve_split_dir(root, "train", folders), "train")
+        self.paths = list_images(image_dir)
+        if label_csv is None:
+            self.labels = torch.stack([parse_label(p, classes.names) for p in self.paths])
+        else:
+            self.labels = _labels_from_csv(Path(root) / label_csv, classes, image_dir, self.paths)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -98,22 +120,38 @@ class TrainDataset(Dataset):
         return {"image": image, "label": self.labels[index].clone(), "name": path.stem}
 
 
+def _labels_from_csv(csv_path: Path, classes: ClassSet, image_dir: Path, paths: Sequence[Path]) -> torch.Tensor:
+    """The CSV's label of every train tile; a row without a tile, or a tile without a row, is an error."""
+    by_name = read_label_csv(csv_path, classes.names)
+    present = {p.name for p in paths}
+    for name in by_name:
+        if name not in present:
+            raise DataError(f"{csv_path}: row for {name}: no such tile in {image_dir}")
+    unlabelled = [p.name for p in paths if p.name not in by_name]
+    if unlabelled:
+        raise DataError(f"{image_dir / unlabelled[0]}: no row in {csv_path}"
+                        + (f" (and {len(unlabelled) - 1} more tiles)" if len(unlabelled) > 1 else ""))
+    return torch.stack([by_name[p.name] for p in paths])
+
+
 class EvalDataset(Dataset):
     """Val/test tiles with masks: items ``{"image", "mask", "name", "presence"}``.
 
-    ``mask`` is an H×W LongTensor of class indices 0–4 and ``presence`` a float (4,) vector
-    of the tissue classes 0–3 found in the mask (for oracle gating, method.md §7). Missing
-    masks are reported at construction; a size mismatch when the tile is read.
+    ``mask`` is an H×W LongTensor of internal indices (classes 0..C-1, background C) and
+    ``presence`` a float (C,) vector of the tissue classes found in the mask (for oracle gating,
+    method.md §7). Missing masks are reported at construction; a size mismatch when the tile is read.
     """
 
-    def __init__(self, root: str | Path, split: str) -> None:
-        split_dir = resolve_split_dir(root, split)
-        self.image_paths = list_images(split_dir / "img")
-        self.mask_paths = [split_dir / "mask" / p.name for p in self.image_paths]
+    def __init__(self, root: str | Path, split: str, classes: ClassSet,
+                 folders: Mapping[str, Sequence[str]] = DEFAULT_FOLDERS) -> None:
+        image_dir = image_folder(resolve_split_dir(root, split, folders), split)
+        self.classes = classes
+        self.image_paths = list_images(image_dir)
+        self.mask_paths = [image_dir.parent / "mask" / p.name for p in self.image_paths]
         missing = [m for m in self.mask_paths if not m.is_file()]
         if missing:
             shown = ", ".join(str(m) for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise DataError(f"{len(missing)} mask(s) missing in {split_dir / 'mask'}: {shown}")
+            raise DataError(f"{len(missing)} mask(s) missing in {image_dir.parent / 'mask'}: {shown}")
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -121,15 +159,32 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
         image = read_image(image_path)
-        mask = read_mask(mask_path)
+        mask = read_mask(mask_path, self.classes)
         if image.shape[:2] != mask.shape:
             raise DataError(
                 f"{mask_path}: mask size {mask.shape[1]}×{mask.shape[0]} does not match image "
                 f"{image_path} size {image.shape[1]}×{image.shape[0]}"
             )
         mask_t = torch.from_numpy(mask).long()
-        presence = torch.bincount(mask_t.flatten(), minlength=NUM_CLASSES + 1)[:NUM_CLASSES] > 0
+        count = self.classes.num_classes
+        presence = torch.bincount(mask_t.flatten(), minlength=count + 1)[:count] > 0
         return {"image": to_tensor(image), "mask": mask_t, "name": image_path.stem, "presence": presence.float()}
+
+
+def split_folders(config: Config) -> dict[str, Sequence[str]]:
+    folders = config.data.split_folders
+    return {"train": folders.train, "val": folders.val, "test": folders.test}
+
+
+def train_dataset(config: Config, augment: bool = False) -> TrainDataset:
+    """The train split of ``config``'s dataset (its classes, label source and folder names)."""
+    return TrainDataset(config.data.root, ClassSet.from_config(config), augment=augment,
+                        label_csv=config.data.label_csv, folders=split_folders(config))
+
+
+def eval_dataset(config: Config, split: str) -> EvalDataset:
+    """A val/test split of ``config``'s dataset."""
+    return EvalDataset(config.data.root, split, ClassSet.from_config(config), folders=split_folders(config))
 
 
 class ImageFolderDataset(Dataset):

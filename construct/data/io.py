@@ -15,11 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from construct.constants import BACKGROUND_INDEX, PALETTE
+from construct.classes import ClassSet
 from construct.errors import DataError
-
-_MAX_MASK_VALUE = BACKGROUND_INDEX
-_FLAT_PALETTE = [v for rgb in PALETTE for v in rgb]
 
 
 def _open(path: Path) -> Image.Image:
@@ -56,24 +53,28 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a class-index mask (palette 'P' or grey 'L' PNG) as an H×W uint8 array.
+def read_mask(path: str | Path, classes: ClassSet) -> np.ndarray:
+    """Read a class mask (palette 'P' or grey 'L' PNG) as an H×W uint8 array of internal indices.
 
-    Values must be class indices 0–4 (TUM, STR, LYM, NEC, BACK); others raise DataError.
+    The file holds the dataset's mask values 0..C (C = number of classes; background at
+    ``data.background.index``); they are mapped to classes 0..C-1 and background C. A value above
+    C raises DataError naming the file.
     """
     path = Path(path)
     img = _open(path)
+    top = classes.num_classes
     if img.mode not in ("P", "L"):
         raise DataError(
             f"{path}: mask has mode {img.mode!r}; expected a palette ('P') or grey ('L') PNG "
-            f"holding class indices 0-{_MAX_MASK_VALUE}"
+            f"holding class values 0-{top}"
         )
     mask = np.asarray(img, dtype=np.uint8).copy()
-    bad = np.unique(mask[mask > _MAX_MASK_VALUE])
+    bad = np.unique(mask[mask > top])
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
-        raise DataError(f"{path}: mask holds invalid class values {shown}; expected 0-{_MAX_MASK_VALUE}")
-    return mask
+        raise DataError(f"{path}: mask holds invalid class values {shown}; expected 0-{top} "
+                        f"({', '.join(classes.names)} and {classes.background_name})")
+    return classes.to_internal(mask)
 
 
 def _save_atomic(img: Image.Image, path: Path, **params: object) -> None:
@@ -97,13 +98,17 @@ def write_image(path: str | Path, image: np.ndarray, compress_level: int = 6) ->
     _save_atomic(Image.fromarray(image), Path(path), compress_level=compress_level)
 
 
-def write_mask(path: str | Path, mask: np.ndarray) -> None:
-    """Write an H×W class-index mask (values 0–4) as a palette PNG with the project palette."""
+def write_mask(path: str | Path, mask: np.ndarray, classes: ClassSet) -> None:
+    """Write an H×W mask of internal indices (0..C) as a palette PNG in the dataset's values and colours."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"expected an H×W integer mask, got {mask.dtype} {mask.shape}")
-    if mask.size and (mask.min() < 0 or mask.max() > _MAX_MASK_VALUE):
-        raise ValueError(f"mask values must be 0-{_MAX_MASK_VALUE}, got {mask.min()}..{mask.max()}")
-    img = Image.fromarray(mask.astype(np.uint8))
-    img.putpalette(_FLAT_PALETTE)  # turns the 'L' image into a 'P' image
+    top = classes.num_classes
+    if mask.size and (mask.min() < 0 or mask.max() > top):
+        raise ValueError(f"mask values must be 0-{top}, got {mask.min()}..{mask.max()}")
+    img = Image.fromarray(classes.to_dataset(mask.astype(np.uint8)))
+    palette = [0] * (3 * (top + 1))
+    for internal, value in enumerate(classes.mask_values):
+        palette[3 * value: 3 * value + 3] = classes.palette[internal]
+    img.putpalette(palette)  # turns the 'L' image into a 'P' image
     _save_atomic(img, Path(path))

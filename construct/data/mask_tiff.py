@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from construct.constants import ALL_CLASS_NAMES, PALETTE
+from construct.classes import ClassSet
 
 TILE = 256
 _BIGTIFF_ABOVE = 2**31  # bytes of level 0; classic TIFF offsets end at 4 GiB, compressed or not
 
 
-def colormap() -> np.ndarray:
-    """3×256 uint16 TIFF colour map: the project palette for the class indices, black for the rest."""
+def colormap(classes: ClassSet) -> np.ndarray:
+    """3×256 uint16 TIFF colour map: the dataset's palette for the class indices, black for the rest."""
     table = np.zeros((3, 256), np.uint16)
-    for index, rgb in enumerate(PALETTE):
+    for index, rgb in enumerate(classes.palette):
         table[:, index] = [channel * 257 for channel in rgb]
     return table
 
@@ -45,18 +45,19 @@ def pyramid_sizes(width: int, height: int) -> list[tuple[int, int]]:
 class MaskTiffWriter:
     """Writes the ``size`` (w, h) mask at ``mpp`` µm/px to ``path``, from bands given top to bottom."""
 
-    def __init__(self, path: Path, size: tuple[int, int], mpp: float, scratch: Path) -> None:
+    def __init__(self, path: Path, size: tuple[int, int], mpp: float, scratch: Path, classes: ClassSet) -> None:
         self.path = path
+        self.classes = classes
         self.size = size
         self.mpp = mpp
         self.sizes = pyramid_sizes(*size)
         self.scratch = scratch
-        self.description = "ConStruct class mask: " + " ".join(f"{i}={name}" for i, name in enumerate(ALL_CLASS_NAMES))
+        self.description = "ConStruct class mask: " + " ".join(f"{i}={name}" for i, name in enumerate(classes.all_names))
 
     def _page_options(self, level: int) -> dict:
         factor = 2**level
         pixels_per_cm = 1e4 / (self.mpp * factor)
-        options = dict(photometric="palette", colormap=colormap(), tile=(TILE, TILE), compression="zlib",
+        options = dict(photometric="palette", colormap=colormap(self.classes), tile=(TILE, TILE), compression="zlib",
                        resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER", metadata=None)
         if level == 0:
             options["description"] = self.description

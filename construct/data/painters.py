@@ -18,10 +18,11 @@ nuclear debris; BACK: glass), but shapes, layout and colours are made differentl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from construct.constants import BACKGROUND_INDEX, NUM_CLASSES
-from construct.data.synthetic_fields import Painter, Style, blob_field, cells, gaussian_filter, mix, smooth_noise
+from construct.data.synthetic_fields import GLASS, Painter, Style, blob_field, cells, gaussian_filter, mix, smooth_noise
 
 MIN_REGION = 0.04
 """Regions smaller than this share of the tile are merged away: regions, not confetti."""
@@ -29,34 +30,38 @@ MIN_TISSUE = 0.25
 """At least this share of a tile is tissue."""
 
 
-def _draw_classes(rng: np.random.Generator) -> list[int]:
-    """1–4 tissue classes, and background sometimes, as the classic painter draws them."""
-    n_tissue = rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15])
-    classes = [int(c) for c in rng.choice(NUM_CLASSES, n_tissue, replace=False)]
+_REGION_COUNTS = (0.3, 0.3, 0.25, 0.15)  # chance of 1, 2, 3, 4 tissue regions, as the classic painter draws them
+
+
+def _draw_classes(rng: np.random.Generator, textures: Sequence[int]) -> list[int]:
+    """1–4 of ``textures``, and glass sometimes."""
+    counts = np.asarray(_REGION_COUNTS[:len(textures)])
+    n_tissue = rng.choice(np.arange(1, len(counts) + 1), p=counts / counts.sum())
+    classes = [int(c) for c in rng.choice(np.asarray(textures), n_tissue, replace=False)]
     if rng.random() < 0.45:
-        classes.append(BACKGROUND_INDEX)
+        classes.append(GLASS)
     return classes
 
 
 def _merge_small(score: np.ndarray, owner: np.ndarray, size: int) -> np.ndarray | None:
-    """Class mask of the highest-scoring candidate per pixel (score: K×H×W, owner: K class
-    indices), dropping classes that cover less than MIN_REGION; None when too little tissue."""
+    """Texture mask of the highest-scoring candidate per pixel (score: K×H×W, owner: K texture
+    indices), dropping textures that cover less than MIN_REGION; None when too little tissue."""
     score = score.copy()
     while True:
         mask = owner[score.argmax(0)]
-        area = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)
+        area = np.bincount(mask.ravel(), minlength=GLASS + 1)
         tiny = [c for c in np.unique(owner) if 0 < area[c] < MIN_REGION * size * size]
         if not tiny:
             break
         score[np.isin(owner, tiny)] = -np.inf
-    if area[:NUM_CLASSES].sum() < MIN_TISSUE * size * size:
+    if area[:GLASS].sum() < MIN_TISSUE * size * size:
         return None
     return mask.astype(np.uint8)
 
 
-def _noise_layout(rng: np.random.Generator, size: int) -> np.ndarray:
+def _noise_layout(rng: np.random.Generator, size: int, textures: Sequence[int] = range(GLASS)) -> np.ndarray:
     while True:
-        classes = np.asarray(_draw_classes(rng))
+        classes = np.asarray(_draw_classes(rng, textures))
         sigma = size / rng.uniform(4.0, 8.0)
         score = np.stack([smooth_noise(rng, size, sigma) + rng.normal(0.0, 0.3) for _ in classes])
         mask = _merge_small(score, classes, size)
@@ -64,10 +69,10 @@ def _noise_layout(rng: np.random.Generator, size: int) -> np.ndarray:
             return mask
 
 
-def _glands_layout(rng: np.random.Generator, size: int) -> np.ndarray:
+def _glands_layout(rng: np.random.Generator, size: int, textures: Sequence[int] = range(GLASS)) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     while True:
-        classes = _draw_classes(rng)
+        classes = _draw_classes(rng, textures)
         owner = np.repeat(classes, rng.integers(1, 4, len(classes)))
         seeds = rng.uniform(-0.1 * size, 1.1 * size, (len(owner), 2)).astype(np.float32)
         score = -((yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2)

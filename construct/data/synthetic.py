@@ -1,9 +1,9 @@
-"""Synthetic BCSS-WSSS-format data for demos and tests (no real slides needed).
+"""Synthetic tile datasets for demos and tests (no real slides needed), in the layout of a dataset preset.
 
 The ``classic`` painter is described here; construct.data.painters holds others that draw the
-same classes another way (``--painter``), for testing transfer to tissue a model never saw.
+same textures another way (``--painter``), for testing transfer to tissue a model never saw.
 
-Each tile hides a class mask made of 1–4 tissue regions (warped Voronoi cells, so regions are
+Each tile hides a texture mask made of 1–4 tissue regions (warped Voronoi cells, so regions are
 large with wavy borders) and sometimes a background region. Every class has its own H&E-like
 colour and texture, distinct at the scale of a 16-px ViT patch:
 
@@ -13,12 +13,19 @@ colour and texture, distinct at the scale of a 16-px ViT patch:
 - NEC: pale eosinophilic blotches with scattered nuclear debris and faint "ghost" cells;
 - BACK: near-white.
 
+Each class of the dataset is drawn with one of the four tissue textures (:class:`Layout`; by
+default class i gets texture i, so BCSS-WSSS's TUM/STR/LYM/NEC get the textures above), and
+masks are written in the dataset's mask values and palette. A :class:`Layout` also sets how train
+labels are written (``[1101]``, ``[1 1 0 1]`` or a CSV), the validation folder's name, and white
+alveolar holes inside tissue (labelled background, as in LUAD-HistoSeg).
+
 Train tiles are labelled with the tissue classes present in their hidden mask. Each tile is
 drawn from its own numpy Generator seeded by (seed, split, index), so a tile does not depend
 on the other splits' sizes. The dataset is built in a hidden sibling folder and renamed into
 place at the end, so an interrupted run never leaves a half-made dataset at ``out``.
 
-    python -m construct.data.synthetic --out data/synthetic --train 1000 --val 200 --test 200 --seed 0
+    python -m construct.data.synthetic --out data/synthetic --train 1000 --val 200 --test 200 --seed 0 \
+        [--dataset configs/datasets/luad_histoseg.yaml --spaced-labels --val-folder valid --alveoli]
 """
 
 from __future__ import annotations
@@ -30,14 +37,16 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from construct.constants import BACKGROUND_INDEX, NUM_CLASSES
+from construct.classes import ClassSet
 from construct.data.io import write_image, write_mask
 from construct.data.painters import PAINTERS as EXTRA_PAINTERS
-from construct.data.synthetic_fields import STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
+from construct.data.synthetic_fields import GLASS, STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
 from construct.errors import ConStructError, DataError
 
 MANIFEST = "synthetic.json"
@@ -45,7 +54,10 @@ _VERSION = 1  # bump when the images change, so an old dataset no longer counts 
 _SPLITS = ("train", "val", "test")
 _SLIDE_GRID = 8  # 8×8 tiles per fake slide, only for plausible file names
 _TILES_PER_SLIDE = _SLIDE_GRID**2
-
+TEXTURE_NAMES = ("tumour", "stroma", "lymphocytes", "necrosis")
+"""The generator's tissue textures, by texture index; index 4 (GLASS) is glass (background)."""
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATASET = REPO / "configs" / "datasets" / "bcss_wsss.yaml"
 
 def _tumour(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
     k = style.scale
@@ -94,18 +106,20 @@ def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: in
     return np.broadcast_to(style.colour("back"), (y.size, 3))
 
 
-_TEXTURES = (_tumour, _stroma, _lymphocytes, _necrosis, _background)  # by class index
+_TEXTURES = (_tumour, _stroma, _lymphocytes, _necrosis, _background)  # by texture index
+_REGION_COUNTS = (0.3, 0.3, 0.25, 0.15)  # chance of 1, 2, 3, 4 tissue regions
 
 
-def _region_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draw a size×size class mask: 1–4 tissue classes (+ background sometimes), large regions."""
+def _region_mask(rng: np.random.Generator, size: int, textures: Sequence[int] = range(GLASS)) -> np.ndarray:
+    """Draw a size×size texture mask: 1–4 of ``textures`` (+ glass sometimes), large regions."""
     min_area = 0.04 * size * size  # smaller slivers are merged away: regions, not confetti
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    counts = _REGION_COUNTS[:len(textures)]
     while True:
-        n_tissue = rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15])
-        classes = list(rng.choice(NUM_CLASSES, n_tissue, replace=False))
+        n_tissue = rng.choice(np.arange(1, len(counts) + 1), p=np.array(counts) / sum(counts))
+        classes = list(rng.choice(np.asarray(textures), n_tissue, replace=False))
         if rng.random() < 0.45:
-            classes.append(BACKGROUND_INDEX)
+            classes.append(GLASS)
         seed_class = np.repeat(classes, rng.choice([1, 2], size=len(classes), p=[0.7, 0.3]))
         seeds = rng.uniform(-0.1 * size, 1.1 * size, (len(seed_class), 2)).astype(np.float32)
         # Warped coordinates turn straight Voronoi edges into smooth wavy borders.
@@ -114,12 +128,12 @@ def _region_mask(rng: np.random.Generator, size: int) -> np.ndarray:
         dist = (wy[None] - seeds[:, 0, None, None]) ** 2 + (wx[None] - seeds[:, 1, None, None]) ** 2
         while True:
             mask = seed_class[dist.argmin(0)]
-            area = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)
+            area = np.bincount(mask.ravel(), minlength=GLASS + 1)
             tiny = [c for c in classes if 0 < area[c] < min_area]
             if not tiny:
                 break
             dist[np.isin(seed_class, tiny)] = np.inf
-        if area[:NUM_CLASSES].sum() >= 0.25 * size * size:  # at least a quarter tissue
+        if area[:GLASS].sum() >= 0.25 * size * size:  # at least a quarter tissue
             return mask.astype(np.uint8)
 
 
@@ -137,7 +151,7 @@ def get_painter(name: str) -> Painter:
 
 
 def paint(rng: np.random.Generator, mask: np.ndarray, style: Style | None = None, painter: str = "classic") -> np.ndarray:
-    """Fill a square class mask with each class's texture: an H×W×3 uint8 RGB image.
+    """Fill a square texture mask (0-3 tissue textures, 4 glass) with its textures: an H×W×3 uint8 RGB image.
 
     ``style`` gives the colours and structure size (None: the painter's own palette)."""
     drawer = get_painter(painter)
@@ -149,23 +163,80 @@ def paint(rng: np.random.Generator, mask: np.ndarray, style: Style | None = None
         flat = np.flatnonzero(mask == c)
         y, x = np.divmod(flat, size)
         colour = drawer.textures[c](rng, y, x, size, style)
-        image[flat] = colour if c == BACKGROUND_INDEX else colour * stain  # glass takes no stain
+        image[flat] = colour if c == GLASS else colour * stain  # glass takes no stain
     image = image.reshape(size, size, 3) + 3.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
     return np.clip(np.rint(image, out=image), 0, 255).astype(np.uint8)
 
 
 def make_tile(rng: np.random.Generator, size: int = 224, style: Style | None = None,
+              textures: Sequence[int] = range(GLASS), alveoli: bool = False,
               painter: str = "classic") -> tuple[np.ndarray, np.ndarray]:
-    """Draw one synthetic tile: (H×W×3 uint8 RGB image, H×W uint8 class mask)."""
-    mask = get_painter(painter).layout(rng, size)
+    """Draw one synthetic tile: (H×W×3 uint8 RGB image, H×W uint8 texture mask, 4 = glass).
+
+    ``textures`` limits the tissue textures drawn; ``alveoli`` punches white air spaces into the
+    tissue (glass in the mask); ``painter`` names an entry of :data:`PAINTERS`.
+    """
+    mask = get_painter(painter).layout(rng, size, textures)
+    if alveoli:
+        mask = _punch_alveoli(rng, mask)
     return paint(rng, mask, style, painter), mask
 
 
-def _tile_name(slide_offset: int, index: int, size: int, label: np.ndarray | None) -> str:
-    """BCSS-style tile name; train names end with the 4-bit label, e.g. ``...+0[1101].png``."""
+def _punch_alveoli(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """White, round-ish air spaces (2-7 of them, 5-14 % of the side across) where there is tissue."""
+    size = mask.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size]
+    holes = np.zeros(mask.shape, bool)
+    for _ in range(int(rng.integers(2, 8))):
+        cy, cx = rng.uniform(0, size, 2)
+        ry, rx = rng.uniform(0.05, 0.14, 2) * size / 2
+        holes |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    out = mask.copy()
+    out[holes & (mask != GLASS)] = GLASS
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a synthetic dataset looks on disk, beside its class set."""
+
+    textures: tuple[int, ...] | None = None
+    """Texture index (0-3, :data:`TEXTURE_NAMES`) of each class; None = 0, 1, 2, ... in class order."""
+    label_format: str = "bits"
+    """Train labels in the names as ``[1101]`` ('bits') or ``[1 1 0 1]`` ('spaced'), or 'csv'."""
+    label_csv: str = "labels.csv"
+    """With label_format 'csv': the CSV's path under the dataset root (filename + one 0/1 column per class)."""
+    val_folder: str = "val"
+    """Name of the validation folder (LUAD-HistoSeg: 'valid')."""
+    alveoli: bool = False
+    """White air spaces inside tissue, labelled background (lung)."""
+
+    def textures_for(self, classes: ClassSet) -> tuple[int, ...]:
+        textures = self.textures if self.textures is not None else tuple(range(classes.num_classes))
+        if len(textures) != classes.num_classes:
+            raise DataError(f"the synthetic layout gives {len(textures)} textures for {classes.num_classes} classes "
+                            f"({classes.describe()}); give one texture index per class")
+        if len(set(textures)) != len(textures) or not all(0 <= t < GLASS for t in textures):
+            raise DataError(f"synthetic textures must be distinct indices 0-{GLASS - 1} "
+                            f"({', '.join(TEXTURE_NAMES)}), one per class; got {list(textures)}")
+        return textures
+
+    def record(self) -> dict:
+        """The layout for the manifest (empty for the default BCSS-like layout, so old manifests stay valid)."""
+        values, defaults = asdict(self), asdict(Layout())
+        changed = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if v != defaults[k]}
+        if self.label_format != "csv":
+            changed.pop("label_csv", None)
+        return changed
+
+
+def _tile_name(slide_offset: int, index: int, size: int, label: np.ndarray | None, label_format: str = "bits") -> str:
+    """BCSS-style tile name; train names end with the label, e.g. ``...+0[1101].png`` or ``...+0[1 1 0 1].png``."""
     slide, pos = divmod(index, _TILES_PER_SLIDE)
     row, col = divmod(pos, _SLIDE_GRID)
-    bits = "" if label is None else "[" + "".join(str(int(b)) for b in label) + "]"
+    bits = ""
+    if label is not None and label_format != "csv":
+        bits = "[" + (" " if label_format == "spaced" else "").join(str(int(b)) for b in label) + "]"
     return f"SYN-{slide_offset + slide + 1:04d}_xmin{col * size}_ymin{row * size}_MPP-0.2500+0{bits}.png"
 
 
@@ -175,31 +246,50 @@ def tile_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int, size: int, style: Style | None,
-                 painter: str) -> None:
+                 classes: ClassSet, layout: Layout, painter: str = "classic") -> list[tuple[str, np.ndarray]]:
+    """Write one split; returns the (file name, label) of each train tile."""
+    textures = layout.textures_for(classes)
+    to_class = np.full(GLASS + 1, classes.background, np.uint8)
+    to_class[list(textures)] = np.arange(classes.num_classes)
+    folder = out / (layout.val_folder if split == "val" else split)
+    labels = []
     for i in range(count):
-        image, mask = make_tile(tile_rng(seed, split, i), size, style, painter)
+        image, texture_mask = make_tile(tile_rng(seed, split, i), size, style, textures, layout.alveoli, painter)
+        mask = to_class[texture_mask]
         if split == "train":
-            present = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)[:NUM_CLASSES] > 0
-            write_image(out / split / _tile_name(slide_offset, i, size, present), image, compress_level=1)
+            present = np.bincount(mask.ravel(), minlength=classes.num_classes + 1)[:classes.num_classes] > 0
+            name = _tile_name(slide_offset, i, size, present, layout.label_format)
+            write_image(folder / name, image, compress_level=1)
+            labels.append((name, present))
         else:
             name = _tile_name(slide_offset, i, size, None)
-            write_image(out / split / "img" / name, image, compress_level=1)
-            write_mask(out / split / "mask" / name, mask)
+            write_image(folder / "img" / name, image, compress_level=1)
+            write_mask(folder / "mask" / name, mask, classes)
+    return labels
 
 
-def _is_complete(out: Path, manifest: dict) -> bool:
+def _write_label_csv(path: Path, labels: list[tuple[str, np.ndarray]], classes: ClassSet) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(("filename", *classes.names))]
+    lines += [",".join((name, *(str(int(b)) for b in label))) for name, label in labels]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _is_complete(out: Path, manifest: dict, layout: Layout) -> bool:
     """True when ``out`` holds every file the manifest promises (nothing deleted since)."""
     counts = {
         "train": len(list((out / "train").glob("*.png"))),
-        "val": min(len(list((out / "val" / sub).glob("*.png"))) for sub in ("img", "mask")),
+        "val": min(len(list((out / layout.val_folder / sub).glob("*.png"))) for sub in ("img", "mask")),
         "test": min(len(list((out / "test" / sub).glob("*.png"))) for sub in ("img", "mask")),
     }
+    if layout.label_format == "csv" and not (out / layout.label_csv).is_file():
+        return False
     return all(counts[s] == manifest[s] for s in _SPLITS)
 
 
-def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, seed: int, size: int = 224,
-                     style: str = "default", painter: str = "classic") -> None:
-    """Write a synthetic dataset in the BCSS-WSSS layout to ``out``, with a ``synthetic.json``.
+def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, seed: int, classes: ClassSet,
+                     size: int = 224, style: str = "default", layout: Layout = Layout(), painter: str = "classic") -> None:
+    """Write a synthetic dataset of ``classes`` in the ``layout`` to ``out``, with a ``synthetic.json``.
 
     ``painter`` names an entry of :data:`PAINTERS` (how regions and textures are drawn);
     ``style`` names an entry of :data:`STYLES` (colours and structure sizes), where ``default``
@@ -218,11 +308,17 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
     if style not in STYLES:
         raise DataError(f"unknown synthetic style {style!r}; choose one of {', '.join(STYLES)}")
     get_painter(painter)
+    if layout.label_format not in ("bits", "spaced", "csv"):
+        raise DataError(f"unknown label format {layout.label_format!r}; expected bits, spaced or csv")
+    textures = layout.textures_for(classes)
     manifest = {"generator": "construct.data.synthetic", "version": _VERSION, "seed": seed, "size": size, **counts}
     if style != "default":  # default manifests predate styles and stay valid
         manifest["style"] = style
     if painter != "classic":
         manifest["painter"] = painter
+    manifest["classes"] = {name: TEXTURE_NAMES[t] for name, t in zip(classes.names, textures)}
+    if layout.record():
+        manifest["layout"] = layout.record()
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         manifest_path = out / MANIFEST
@@ -239,7 +335,7 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
                 f"{out} holds a synthetic dataset made with other arguments ({found}); "
                 f"refusing to overwrite it with {manifest}; delete it or choose another --out"
             )
-        if not _is_complete(out, manifest):
+        if not _is_complete(out, manifest, layout):
             raise DataError(f"{out} is missing files listed in {manifest_path}; delete it to regenerate")
         print(f"{out} already holds this synthetic dataset ({MANIFEST} matches); skipping")
         return
@@ -251,8 +347,10 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
         staging.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
         slide_offset = 0
         for split in _SPLITS:
-            _write_split(staging, split, counts[split], slide_offset, seed, size,
-                         None if style == "default" else STYLES[style], painter)
+            labels = _write_split(staging, split, counts[split], slide_offset, seed, size,
+                                  None if style == "default" else STYLES[style], classes, layout, painter)
+            if split == "train" and layout.label_format == "csv":
+                _write_label_csv(staging / layout.label_csv, labels, classes)
             slide_offset += -(-counts[split] // _TILES_PER_SLIDE)  # splits never share a slide
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(staging, out)  # an empty existing ``out`` is replaced too
@@ -267,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m construct.data.synthetic",
         description=(
-            "Generate a synthetic H&E-like dataset in the BCSS-WSSS layout: OUT/train/*.png with "
-            "labels in the names (e.g. ...+0[1101].png), OUT/val/{img,mask}/*.png and "
-            "OUT/test/{img,mask}/*.png with palette masks (0=TUM 1=STR 2=LYM 3=NEC 4=BACK). "
-            "Deterministic per --seed. Re-running with the same arguments on a complete "
+            "Generate a synthetic H&E-like dataset with the classes of a dataset preset (default BCSS-WSSS): "
+            "OUT/train/*.png with labels in the names (e.g. ...+0[1101].png) or in a CSV, OUT/val/{img,mask}/*.png "
+            "and OUT/test/{img,mask}/*.png with palette masks in the preset's values and colours "
+            "(BCSS-WSSS: 0=TUM 1=STR 2=LYM 3=NEC 4=BACK). Deterministic per --seed. Re-running with the same arguments on a complete "
             "dataset does nothing; any other non-empty OUT is refused."
         ),
     )
@@ -286,9 +384,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--painter", choices=sorted(PAINTERS), default="classic",
                         help="how regions and textures are drawn: 'classic' (default), or another painter "
                              "(construct/data/painters.py) to test transfer to tissue drawn another way")
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, metavar="YAML",
+                        help="config or dataset preset whose data.classes and data.background the tiles get "
+                        f"(default: {DEFAULT_DATASET.relative_to(REPO)})")
+    parser.add_argument("--textures", type=lambda t: tuple(int(v) for v in t.split(",")), default=None, metavar="I,J,..",
+                        help="texture of each class, in class order: 0 tumour, 1 stroma, 2 lymphocytes, 3 necrosis "
+                        "(default 0,1,2,...)")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--spaced-labels", action="store_true", help="train labels as [1 0 0 1] (LUAD-HistoSeg) instead of [1001]")
+    labels.add_argument("--label-csv", metavar="NAME", help="train labels in OUT/NAME (filename + one 0/1 column per class)")
+    parser.add_argument("--val-folder", default="val", help="name of the validation folder (default: val; LUAD-HistoSeg: valid)")
+    parser.add_argument("--alveoli", action="store_true", help="white air spaces inside tissue, labelled background (lung)")
     args = parser.parse_args(argv)
+    fmt = "csv" if args.label_csv else "spaced" if args.spaced_labels else "bits"
+    layout = Layout(textures=args.textures, label_format=fmt, label_csv=args.label_csv or "labels.csv",
+                    val_folder=args.val_folder, alveoli=args.alveoli)
     try:
-        generate_dataset(args.out, args.train, args.val, args.test, args.seed, args.size, args.style, args.painter)
+        from construct.config import load_config  # deferred: the generator itself needs no config
+
+        classes = ClassSet.from_config(load_config(args.dataset))
+        generate_dataset(args.out, args.train, args.val, args.test, args.seed, classes, args.size, args.style, layout,
+                         args.painter)
     except ConStructError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

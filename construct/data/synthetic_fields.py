@@ -7,7 +7,7 @@ painter (construct.data.synthetic, construct.data.painters).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -136,6 +136,9 @@ def mix(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return base + alpha[:, None] * (top - base)
 
 
+GLASS = 4
+"""Texture index of glass (background) in the generator's texture masks; 0-3 are tissue textures."""
+
 Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray, int, Style], np.ndarray]
 """Colours (N×3 float RGB) of the pixels (y, x) of one class region of a size×size tile."""
 
@@ -148,10 +151,10 @@ class Painter:
     colour, so that a model pretrained on some painters can be tested on tissue drawn by another.
     """
 
-    layout: Callable[[np.random.Generator, int], np.ndarray]
-    """Draws a size×size uint8 class mask (BACKGROUND_INDEX for glass)."""
+    layout: Callable[[np.random.Generator, int, Sequence[int]], np.ndarray]
+    """Draws a size×size uint8 texture mask from the given tissue textures (and GLASS for glass)."""
     textures: tuple[Texture, ...]
-    """One texture per class index, background last."""
+    """One texture function per texture index, glass last."""
     palette: Style
     """Colours and size factor used when the caller names no style."""
     stain_sd: float

@@ -15,20 +15,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, save_checkpoint
+from construct.classes import ClassSet
 from construct.config import Config, config_to_dict, save_config
-from construct.data.datasets import EvalDataset, TrainDataset
-from construct.checkpoint import backbone_identity, check_backbones, load_checkpoint, save_checkpoint
+from construct.data.datasets import eval_dataset, train_dataset
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
+from construct.engine.guard import FiniteLossGuard, TrainingError
 from construct.engine.objective import ConStructObjective
 from construct.engine.validate import validate
-from construct.errors import CheckpointError, ConStructError, os_error_reason
+from construct.errors import CheckpointError, os_error_reason
 from construct.models.build import build_model, build_teacher
 from construct.models.construct import ConStructModel
-
-
-class TrainingError(ConStructError):
-    """Training cannot go on (a non-finite loss, an incompatible resume, a reused work dir)."""
+from construct.models.graphs import enable_fast_path
 
 
 @dataclass
@@ -121,8 +120,8 @@ def train(
         if checkpoint is None:
             (work_dir / "log.jsonl").unlink(missing_ok=True)
 
-    train_set = TrainDataset(config.data.root, augment=False)
-    val_set = EvalDataset(config.data.root, config.data.val_split)
+    train_set = train_dataset(config, augment=False)
+    val_set = eval_dataset(config, config.data.val_split)
     train_cfg = config.train
     sampler = ResumableSampler(len(train_set), train_cfg.batch_size, train_cfg.seed, dist_info.rank, dist_info.world_size)
     if sampler.batches_per_epoch == 0:
@@ -131,9 +130,15 @@ def train(
             f"train.batch_size={train_cfg.batch_size} per process"
         )
     workers = config.data.num_workers
+    cuda_fast = train_cfg.fast_path and device.type == "cuda"
+    if train_cfg.fast_path and not cuda_fast and dist_info.is_main:
+        print(f"note: train.fast_path on {device}: CUDA graphs, bf16 towers and fused AdamW need CUDA; "
+              "only the deferred non-finite-loss check applies")
+    # The fast path keeps its workers between epochs and a deeper queue, so decoding never stalls a step.
+    fast_loader = cuda_fast and workers > 0
     train_loader = DataLoader(SeededAugmentation(train_set, train_cfg.seed), batch_size=train_cfg.batch_size,
                               sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                              persistent_workers=False)
+                              persistent_workers=fast_loader, prefetch_factor=4 if fast_loader else None)
     val_loader = DataLoader(val_set, batch_size=config.inference.batch_size, num_workers=workers)
 
     model = build_model(config, device)
@@ -149,7 +154,7 @@ def train(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                  betas=tuple(train_cfg.betas))
+                                  betas=tuple(train_cfg.betas), **({"fused": True} if cuda_fast else {}))
     iterations_per_epoch = sampler.batches_per_epoch
     total_iterations = iterations_per_epoch * train_cfg.epochs
     if train_cfg.max_iters is not None:
@@ -160,7 +165,12 @@ def train(
     iteration = 0
     best = {"miou": -1.0, "iteration": 0}
     if checkpoint is not None:
+        check_classes(checkpoint, ClassSet.from_config(config).names, resume)
         iteration, best = _restore(checkpoint, resume, model, objective, optimizer, scheduler, identity)
+    if cuda_fast:  # after the identity: its fingerprint reads the fp32 weights
+        for tower in (model.conch, teacher):
+            if tower is not None:
+                enable_fast_path(tower)
 
     step_module: torch.nn.Module = objective
     if dist_info.enabled:
@@ -183,11 +193,13 @@ def train(
             "best": dict(best),
             "config": config_to_dict(config),
             "backbones": identity,
+            "classes": list(ClassSet.from_config(config).names),
         }
 
     logger = JsonlLogger(work_dir / "log.jsonl", dist_info.is_main)
     use_bf16 = train_cfg.mixed_precision and device.type == "cuda"
     eval_every = train_cfg.eval_interval or iterations_per_epoch
+    guard = FiniteLossGuard(work_dir, deferred=train_cfg.fast_path)
     model.train()
     progress = tqdm(total=total_iterations, initial=iteration, desc="train", dynamic_ncols=True,
                     disable=not dist_info.is_main)
@@ -202,26 +214,23 @@ def train(
                 objective.set_progress(iteration, total_iterations)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     losses = step_module(images, labels)
-                total = losses["total"]
-                if not torch.isfinite(total):
-                    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                    kept = work_dir / "latest.pth"
-                    raise TrainingError(
-                        f"loss is not finite at iteration {iteration + 1} ({terms}); stopped. "
-                        + (f"The last good checkpoint is {kept}" if kept.exists() else "No checkpoint was written yet")
-                    )
+                guard.check(losses, iteration + 1)
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                losses["total"].backward()
                 optimizer.step()
                 scheduler.step()
                 iteration += 1
-                scalars = {k: float(v.detach()) for k, v in losses.items()}
-                progress.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()}, refresh=False)
+                log_now = iteration % train_cfg.log_interval == 0
+                evaluate_now = iteration % eval_every == 0 or iteration == total_iterations
+                checkpoint_now = bool(train_cfg.checkpoint_interval and iteration % train_cfg.checkpoint_interval == 0)
+                if not guard.deferred or log_now or evaluate_now or checkpoint_now:  # the host syncs here
+                    guard.raise_if_seen()
+                    scalars = {k: float(v.detach()) for k, v in losses.items()}
+                    progress.set_postfix({k: f"{v:.3f}" for k, v in scalars.items()}, refresh=False)
                 progress.update()
-                if iteration % train_cfg.log_interval == 0:
+                if log_now:
                     logger.log({"kind": "train", "iteration": iteration, "epoch": epoch,
                                 "lr": scheduler.get_last_lr()[0], **scalars, "elapsed_s": time.time() - started})
-                evaluate_now = iteration % eval_every == 0 or iteration == total_iterations
                 if evaluate_now:
                     metrics = validate(model, val_loader, config, device) if dist_info.is_main else {}
                     if dist_info.is_main:
@@ -231,8 +240,7 @@ def train(
                         if metrics["miou"] > best["miou"]:
                             best = {"miou": metrics["miou"], "iteration": iteration}
                             save_checkpoint(state(iteration), work_dir / "best.pth")
-                if dist_info.is_main and (evaluate_now or (train_cfg.checkpoint_interval
-                                                           and iteration % train_cfg.checkpoint_interval == 0)):
+                if dist_info.is_main and (evaluate_now or checkpoint_now):
                     save_checkpoint(state(iteration), work_dir / "latest.pth")
                 if evaluate_now:
                     barrier(dist_info)

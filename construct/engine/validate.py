@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from construct.classes import ClassSet
 from construct.config import Config
 from construct.inference.postprocess import cam_probabilities, presence_from_logits, select_presence
 from construct.metrics import ConfusionMatrix
@@ -18,7 +19,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     """mIoU (fast path) and per-class presence accuracy on an evaluation split."""
     was_training = model.training
     model.eval()
-    confusion = ConfusionMatrix(num_classes=5, device=device)
+    confusion = ConfusionMatrix(ClassSet.from_config(config).all_names, device=device)
     correct = total = 0
     inference = config.inference
     for batch in loader:
@@ -33,5 +34,5 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
         correct += int((predicted == truth).sum())
         total += truth.numel()
     model.train(was_training)
-    metrics = confusion.compute()
+    metrics = confusion.compute(config.evaluation.background)
     return {"miou": metrics.miou, "mdice": metrics.mdice, "cls_accuracy": 100.0 * correct / max(total, 1)}

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from construct.classes import ClassSet
 from construct.config import Config
 from construct.inference.predictor import Predictor
 from construct.metrics import ConfusionMatrix, SegmentationMetrics
@@ -18,7 +19,8 @@ def evaluate_split(predictor: Predictor, dataset: Dataset, config: Config, proto
                    description: str = "evaluate") -> dict[str, SegmentationMetrics]:
     """Metrics per protocol over every image of ``dataset`` (items with image, mask, name, presence)."""
     loader = DataLoader(dataset, batch_size=config.inference.batch_size, num_workers=config.data.num_workers)
-    confusions = {protocol: ConfusionMatrix() for protocol in protocols}
+    names = ClassSet.from_config(config).all_names
+    confusions = {protocol: ConfusionMatrix(names) for protocol in protocols}
     with tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True) as progress:
         for batch in loader:
             cams, logits = predictor.network(batch["image"], batch["name"])
@@ -27,4 +29,5 @@ def evaluate_split(predictor: Predictor, dataset: Dataset, config: Config, proto
                 masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long()
                 confusions[protocol].update(masks, batch["mask"])
             progress.update(len(batch["name"]))
-    return {protocol: confusion.compute() for protocol, confusion in confusions.items()}
+    background = config.evaluation.background
+    return {protocol: confusion.compute(background) for protocol, confusion in confusions.items()}

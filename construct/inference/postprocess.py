@@ -1,7 +1,9 @@
-"""CAM post-processing: from raw CAMs to 5-channel class probabilities (method.md §7)."""
+"""CAM post-processing: from raw CAMs to (C+1)-channel class probabilities (method.md §7), and the
+bright-background prior of datasets whose white areas are not tissue."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +45,22 @@ def cam_probabilities(cams: torch.Tensor, presence: torch.Tensor, size: tuple[in
     gated = F.interpolate(gated, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
     background = (1.0 - gated.amax(dim=1, keepdim=True)) ** background_power
     return torch.cat([gated, background], dim=1)
+
+
+def apply_background_prior(mask: np.ndarray, image: np.ndarray, grey_threshold: int, min_size: int,
+                           background: int) -> np.ndarray:
+    """Force bright pixels (grey = mean of R, G, B above ``grey_threshold``) of ``mask`` to ``background``.
+
+    Bright connected regions smaller than ``min_size`` pixels are left as predicted (TPRO and
+    WSSS-Tissue remove such small holes first: a bright nucleus halo is not an alveolus).
+    """
+    from scipy import ndimage  # deferred: only datasets with the prior need it
+
+    bright = image.astype(np.float32).mean(axis=2) > grey_threshold
+    if min_size > 1 and bright.any():
+        labels, count = ndimage.label(bright)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = sizes >= min_size
+        keep[0] = False
+        bright = keep[labels]
+    return np.where(bright, np.uint8(background), mask).astype(np.uint8)

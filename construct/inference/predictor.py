@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from construct.classes import ClassSet
 from construct.config import Config
 from construct.inference.crf import CrfPool
-from construct.inference.postprocess import cam_probabilities, select_presence
+from construct.inference.postprocess import apply_background_prior, cam_probabilities, select_presence
 from construct.inference.tiling import tiled_forward, window_stride
 from construct.inference.tta import TtaSettings
 from construct.models.construct import ConStructModel
+from construct.models.graphs import enable_fast_path
 
 
 @dataclass
@@ -21,19 +23,19 @@ class Prediction:
     """Post-processed result for one image."""
 
     mask: np.ndarray
-    """H×W uint8 class indices 0–4 (4 = background)."""
+    """H×W uint8 internal class indices 0..C (C = background)."""
     probs: np.ndarray
-    """5×H×W float32: normalised, presence-gated CAMs of the 4 classes, then the background channel."""
+    """(C+1)×H×W float32: normalised, presence-gated CAMs of the C classes, then the background channel."""
     presence: np.ndarray
-    """(4,) float 0/1 class presence the CAMs were gated with."""
+    """(C,) float 0/1 class presence the CAMs were gated with."""
     scores: np.ndarray
-    """(4,) image-level class scores, sigmoid of the logits."""
+    """(C,) image-level class scores, sigmoid of the logits."""
     protocol: str
     """Presence protocol that produced ``presence``: 'predicted' or 'ground_truth'."""
 
     @property
     def cams(self) -> np.ndarray:
-        """4×H×W normalised, gated class CAMs in [0, 1]."""
+        """C×H×W normalised, gated class CAMs in [0, 1]."""
         return self.probs[:-1]
 
 
@@ -49,16 +51,21 @@ class Predictor:
     Tile-sized images run as one batch; larger ones go through sliding-window tiling. ``tta`` runs
     ``inference.tta`` over ``inference.tta_factors`` × ``inference.tta_flip`` on every tile (off = one
     plain pass; :attr:`tta` says which ran); ``crf`` runs the dense CRF of
-    ``inference.crf`` over ``workers`` processes (None = all cores). Close it (or use ``with``) to
-    stop the CRF workers.
+    ``inference.crf`` over ``workers`` processes (None = all cores). ``inference.fast_path`` on a
+    CUDA device replays CONCH's frozen forward as CUDA graphs with bf16 weights (one per TTA pass
+    shape; this changes ``model.conch`` for good). Close it (or use ``with``) to stop the CRF workers.
     """
 
     def __init__(self, model: ConStructModel, config: Config, device: torch.device, tta: bool = True,
                  crf: bool = True, workers: int | None = None) -> None:
         self.model = model.to(device).eval()
+        if config.inference.fast_path and device.type == "cuda":
+            enable_fast_path(self.model.conch)
         self.config = config
         self.device = device
         self.inference = config.inference
+        self.classes = ClassSet.from_config(config)
+        self.background_prior = config.data.background_prior
         self.tta = TtaSettings.from_config(self.inference) if tta else TtaSettings("off")
         self.crf = CrfPool(self.inference.crf, workers) if crf else None
 
@@ -71,7 +78,7 @@ class Predictor:
 
     @torch.no_grad()
     def network(self, images: torch.Tensor, names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw CAMs (B×4×h×w: the CAM grid for tile-sized images, pixels for tiled ones) and logits (B×4)."""
+        """Raw CAMs (B×C×h×w: the CAM grid for tile-sized images, pixels for tiled ones) and logits (B×C)."""
         images = images.to(self.device, non_blocking=True)
         tile = self.config.model.image_size
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -87,14 +94,20 @@ class Predictor:
     @torch.no_grad()
     def postprocess(self, images: torch.Tensor, cams: torch.Tensor, logits: torch.Tensor, protocol: str,
                     presence_gt: torch.Tensor | None = None) -> list[Prediction]:
-        """Gate, normalise and upsample :meth:`network` output, add background, refine with the CRF, argmax."""
+        """Gate, normalise and upsample :meth:`network` output, add background, refine with the CRF, argmax,
+        then the dataset's background prior (if any)."""
         presence = select_presence(protocol, logits, self.inference.presence_gate, presence_gt)
         probs = cam_probabilities(cams, presence, tuple(images.shape[-2:]), self.inference.background_power)
         probs_np = list(probs.cpu().numpy())
+        pixels = to_uint8_images(images) if self.crf is not None or self.background_prior is not None else []
         if self.crf is None:
             masks = [p.argmax(axis=0).astype(np.uint8) for p in probs_np]
         else:
-            masks = self.crf(to_uint8_images(images), probs_np)
+            masks = self.crf(pixels, probs_np)
+        if self.background_prior is not None:
+            prior = self.background_prior
+            masks = [apply_background_prior(m, px, prior.grey_threshold, prior.min_size, self.classes.background)
+                     for m, px in zip(masks, pixels)]
         scores = torch.sigmoid(logits.float()).cpu().numpy()
         presence_np = presence.cpu().numpy()
         return [Prediction(mask=m, probs=p, presence=pr, scores=s, protocol=protocol)
@@ -104,7 +117,7 @@ class Predictor:
                       protocol: str | None = None, names: Sequence[str] | None = None) -> list[Prediction]:
         """Masks for a B×3×H×W [0, 1] batch; ``protocol`` defaults to ``inference.presence``.
 
-        ``presence_gt`` (B×4) is required by the ground_truth protocol; ``names`` label error messages.
+        ``presence_gt`` (B×C) is required by the ground_truth protocol; ``names`` label error messages.
         """
         cams, logits = self.network(images, names)
         return self.postprocess(images, cams, logits, protocol or self.inference.presence, presence_gt)

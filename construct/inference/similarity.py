@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from construct.constants import CLASS_NAMES
 from construct.models.construct import ConStructModel
 
 
@@ -21,8 +22,8 @@ def prototype_similarity(model: ConStructModel, images: torch.Tensor) -> tuple[t
     return torch.einsum("bchw,kc->bkhw", refined, projected), out.logits.float()
 
 
-def prototype_names(per_class: int) -> list[str]:
+def prototype_names(class_names: Sequence[str], per_class: int) -> list[str]:
     """Display names of the prototype rows: 'TUM', or 'TUM #1', 'TUM #2', ... with several per class."""
     if per_class == 1:
-        return list(CLASS_NAMES)
-    return [f"{name} #{k + 1}" for name in CLASS_NAMES for k in range(per_class)]
+        return list(class_names)
+    return [f"{name} #{k + 1}" for name in class_names for k in range(per_class)]

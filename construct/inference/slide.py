@@ -1,4 +1,5 @@
-"""Whole-slide prediction to files: pyramidal mask TIFF, overview PNG, and a JSON of tissue areas.
+"""Whole-slide prediction to files: pyramidal mask TIFF, overview PNG, class regions as GeoJSON, and a JSON of
+tissue areas.
 
 :func:`open_slide` checks a slide up front (OpenSlide can read it, its resolution is known, it
 holds tissue) so that bad inputs fail before the model loads; :func:`predict_slide` streams the
@@ -23,13 +24,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from construct.classes import ClassSet
 from construct.config import Config
-from construct.constants import ALL_CLASS_NAMES
 from construct.data.mask_tiff import MaskTiffWriter, read_level
 from construct.data.slide_reader import OpenSlideReader
 from construct.errors import DataError
 from construct.inference.overview import draw_overview
 from construct.inference.predictor import Predictor
+from construct.inference.regions import RegionSettings, write_regions
 from construct.inference.streaming import StreamingPredictor, stream_settings
 from construct.inference.tissue import MAX_THUMBNAIL_SIDE, TissueMask, detect_tissue
 
@@ -41,11 +43,21 @@ OVERVIEW_SIDE = 1024
 class SlideOutputs:
     mask: Path
     overview: Path
+    regions: Path
     areas: Path
+    """Written last: its presence marks a complete result."""
 
     @classmethod
     def for_slide(cls, out_dir: Path, name: str) -> SlideOutputs:
-        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_overview.png", out_dir / f"{name}_areas.json")
+        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_overview.png", out_dir / f"{name}_regions.geojson",
+                   out_dir / f"{name}_areas.json")
+
+    def files(self, regions: bool = True) -> list[Path]:
+        """The files of one slide, in the order they are put in place (the areas JSON last)."""
+        return [self.mask, self.overview, *([self.regions] if regions else []), self.areas]
+
+    def complete(self, regions: bool = True) -> bool:
+        return all(path.is_file() for path in self.files(regions))
 
 
 @dataclass
@@ -73,29 +85,37 @@ def open_slide(path: Path, config: Config, mpp: float | None = None) -> OpenedSl
     return OpenedSlide(reader, TissueMask(mask, reader.size))
 
 
-def area_report(class_pixels: np.ndarray, mpp: float) -> dict[str, Any]:
+def area_report(class_pixels: np.ndarray, mpp: float, classes: ClassSet) -> dict[str, Any]:
     """Tissue area and each class's area (mm²) and share of it; the class areas add up to the tissue area."""
     mm2_per_pixel = (mpp / 1000.0) ** 2
     tissue = int(class_pixels.sum())
     return {
         "tissue_mm2": tissue * mm2_per_pixel,
-        "areas_mm2": {name: int(count) * mm2_per_pixel for name, count in zip(ALL_CLASS_NAMES, class_pixels)},
-        "fractions": {name: (int(count) / tissue if tissue else 0.0) for name, count in zip(ALL_CLASS_NAMES, class_pixels)},
+        "areas_mm2": {name: int(count) * mm2_per_pixel for name, count in zip(classes.all_names, class_pixels)},
+        "fractions": {name: (int(count) / tissue if tissue else 0.0) for name, count in zip(classes.all_names, class_pixels)},
     }
 
 
+def region_settings(config: Config) -> RegionSettings:
+    slide = config.inference.slide
+    return RegionSettings(simplify_um=slide.regions_simplify_um, min_area_um2=slide.regions_min_area_um2)
+
+
 def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
-                  progress: Callable[[int], None] | None = None, overview_side: int = OVERVIEW_SIDE) -> dict[str, Any]:
+                  progress: Callable[[int], None] | None = None, overview_side: int = OVERVIEW_SIDE,
+                  regions: bool = True, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict ``slide`` into :class:`SlideOutputs` in ``out_dir``; returns what the JSON holds.
 
     ``progress`` is called with the output pixels of each finished window; ``overview_side`` is the
-    longer side of each panel of the overview PNG.
+    longer side of each panel of the overview PNG; ``regions`` also writes the class regions as
+    GeoJSON (traced from the finished mask TIFF, :mod:`construct.inference.regions`);
+    ``provenance`` (e.g. the checkpoint and config used) is stored in the JSON as it is.
     """
     started = time.perf_counter()
     reader = slide.reader
     config = predictor.config
     outputs = SlideOutputs.for_slide(out_dir, reader.name)
-    if reader.path.resolve() in {p.resolve() for p in (outputs.mask, outputs.overview, outputs.areas)}:
+    if reader.path.resolve() in {p.resolve() for p in outputs.files()}:
         raise DataError(f"{reader.path}: the output would overwrite the slide; choose another --out-dir")
     stream = StreamingPredictor(predictor, reader, stream_settings(config, config.data.mpp / reader.mpp),
                                 slide.tissue, progress=progress)
@@ -103,26 +123,37 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{reader.name}.") as scratch:
         scratch = Path(scratch)
         staged = SlideOutputs.for_slide(scratch, reader.name)
-        writer = MaskTiffWriter(staged.mask, reader.size, reader.mpp, scratch)
+        classes = predictor.classes
+        writer = MaskTiffWriter(staged.mask, reader.size, reader.mpp, scratch, classes)
         writer.write((band.top, band.mask) for band in stream.bands())
         report = {
             "slide": str(reader.path), "vendor": reader.vendor, "size_px": list(reader.size), "mpp": reader.mpp,
             "mpp_source": reader.mpp_source, "model_mpp": config.data.mpp, "mask": outputs.mask.name,
             "mask_levels": len(writer.sizes), "overview": outputs.overview.name,
-            "class_indices": {name: index for index, name in enumerate(ALL_CLASS_NAMES)},
-            **area_report(stream.stats.class_pixels, reader.mpp),
+            "class_indices": {name: index for index, name in enumerate(classes.all_names)},
+            "class_colors": {name: list(rgb) for name, rgb in zip(classes.all_names, classes.palette)},
+            **area_report(stream.stats.class_pixels, reader.mpp, classes),
             "tiles": stream.stats.tiles, "crf": predictor.uses_crf, "tta": predictor.tta.record(),
+            **(provenance or {}),
         }
         thumbnail = reader.thumbnail(overview_side)
         level = _overview_level(writer.sizes, thumbnail.shape[1], thumbnail.shape[0])
         title = f"{reader.path.name}: {report['tissue_mm2']:.2f} mm² tissue at {reader.mpp:.3f} µm/px"
-        shares = [report["fractions"][name] for name in ALL_CLASS_NAMES]
+        shares = [report["fractions"][name] for name in classes.all_names]
         # Saved directly: the scratch folder already makes it atomic (and the file gets the usual permissions).
-        Image.fromarray(draw_overview(thumbnail, read_level(staged.mask, level), shares, title)).save(staged.overview)
+        overview = draw_overview(thumbnail, read_level(staged.mask, level), shares, title, classes)
+        Image.fromarray(overview).save(staged.overview)
+        if regions:
+            traced = time.perf_counter()
+            settings = region_settings(config)
+            summary = write_regions(staged.mask, staged.regions, classes, reader.mpp, settings)
+            report["regions"] = {"file": outputs.regions.name, "features": summary.features, "mask_level": summary.level,
+                                 "simplify_um": settings.simplify_um, "min_area_um2": settings.min_area_um2,
+                                 "seconds": round(time.perf_counter() - traced, 2)}
         report["seconds"] = round(time.perf_counter() - started, 2)
         staged.areas.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for name in ("mask", "overview", "areas"):  # the JSON last: it marks a complete result
-            os.replace(getattr(staged, name), getattr(outputs, name))
+        for staged_file, output in zip(staged.files(regions), outputs.files(regions)):
+            os.replace(staged_file, output)  # the JSON last: it marks a complete result
     return report
 
 

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from construct.config import Config
-from construct.constants import BACKGROUND_INDEX, NUM_CLASSES
 from construct.data.slide_reader import ArrayReader, RegionReader
 from construct.inference.cam_canvas import CamCanvas
-from construct.inference.postprocess import normalize_cams, presence_from_logits
+from construct.inference.postprocess import apply_background_prior, normalize_cams, presence_from_logits
 from construct.inference.predictor import Predictor
 from construct.inference.tiling import check_tileable, window_stride
 from construct.inference.tissue import TissueMask
@@ -55,9 +54,9 @@ class Band:
 
     top: int
     mask: np.ndarray
-    """rows × width uint8 class indices (4 = background, and everything outside the tissue)."""
+    """rows × width uint8 class indices (C = background, and everything outside the tissue)."""
     cams: np.ndarray | None = None
-    """4 × rows × width float16 gated class maps (only when asked for)."""
+    """C × rows × width float16 gated class maps (only when asked for)."""
 
 
 @dataclass
@@ -66,8 +65,8 @@ class StreamStats:
     """Tiles run through the network."""
     windows: int = 0
     """Windows with tissue (refined by the CRF when it is on)."""
-    class_pixels: np.ndarray = field(default_factory=lambda: np.zeros(NUM_CLASSES + 1, np.int64))
-    """Output pixels of each class (TUM, STR, LYM, NEC, BACK) inside the tissue."""
+    class_pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Output pixels of each class (the classes, then background) inside the tissue."""
 
 
 def stream_settings(config: Config, downsample: float = 1.0) -> StreamSettings:
@@ -103,7 +102,8 @@ class StreamingPredictor:
         self.tissue = tissue
         self.keep_cams = keep_cams
         self.progress = progress or (lambda pixels: None)
-        self.stats = StreamStats()
+        self.classes = predictor.classes
+        self.stats = StreamStats(class_pixels=np.zeros(self.classes.num_classes + 1, np.int64))
         self.background_power = predictor.config.inference.background_power
         self.presence_gate = predictor.config.inference.presence_gate
         self.batch_size = predictor.config.inference.batch_size
@@ -187,7 +187,7 @@ class StreamingPredictor:
         return canvas.rows_needed(y0, y1)
 
     def probabilities(self, canvas: CamCanvas, box: tuple[int, int, int, int]) -> np.ndarray:
-        """5×h×w float32 of a model-px box: gated class maps and the background channel (method.md §7)."""
+        """(C+1)×h×w float32 of a model-px box: gated class maps and the background channel (method.md §7)."""
         cams = canvas.window(*box)
         background = (1.0 - cams.amax(dim=0, keepdim=True)).clamp_(0.0, 1.0) ** self.background_power
         return torch.cat([cams, background]).numpy()
@@ -195,8 +195,8 @@ class StreamingPredictor:
     def make_band(self, canvas: CamCanvas, top: int, bottom: int) -> Band:
         width = self.reader.size[0]
         rows = bottom - top
-        mask = np.full((rows, width), BACKGROUND_INDEX, np.uint8)
-        cams = np.zeros((NUM_CLASSES, rows, width), np.float16) if self.keep_cams else None
+        mask = np.full((rows, width), self.classes.background, np.uint8)
+        cams = np.zeros((self.classes.num_classes, rows, width), np.float16) if self.keep_cams else None
         jobs = []  # windows with tissue: (x0, x1, tissue, context box, image, probs)
         for x0 in range(0, width, self.settings.window):
             x1 = min(x0 + self.settings.window, width)
@@ -233,16 +233,20 @@ class StreamingPredictor:
             labels = self.predictor.crf([job[4] for job in jobs], [job[5] for job in jobs])
         else:
             labels = [job[5].argmax(axis=0).astype(np.uint8) for job in jobs]
+        prior = self.predictor.background_prior
+        if prior is not None:
+            labels = [apply_background_prior(window_labels, job[4], prior.grey_threshold, prior.min_size,
+                                             self.classes.background) for window_labels, job in zip(labels, jobs)]
         model_w, model_h = self.model_size
         rows = self.model_index(np.arange(top, bottom), model_h)
         for (x0, x1, tissue, box, _, probs), window_labels in zip(jobs, labels):
             cols = self.model_index(np.arange(x0, x1), model_w)
             pick = np.ix_(rows - box[1], cols - box[0])
-            core = np.where(tissue, window_labels[pick], BACKGROUND_INDEX).astype(np.uint8)
+            core = np.where(tissue, window_labels[pick], self.classes.background).astype(np.uint8)
             mask[:, x0:x1] = core
             if cams is not None:
-                cams[:, :, x0:x1] = probs[:NUM_CLASSES][(slice(None), *pick)] * tissue
-            self.stats.class_pixels += np.bincount(core[tissue], minlength=NUM_CLASSES + 1)
+                cams[:, :, x0:x1] = probs[:-1][(slice(None), *pick)] * tissue
+            self.stats.class_pixels += np.bincount(core[tissue], minlength=self.classes.num_classes + 1)
             self.stats.windows += 1
             self.progress(core.size)
 
@@ -271,7 +275,7 @@ class StreamingPredictor:
 
 def predict_region(predictor: Predictor, image: np.ndarray, name: str,
                    keep_cams: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mask (H×W uint8) and, with ``keep_cams``, gated class maps (4×H×W float16) of an in-memory region.
+    """Mask (H×W uint8) and, with ``keep_cams``, gated class maps (C×H×W float16) of an in-memory region.
 
     The region is taken as all tissue at the model's resolution; it must be at least one tile in
     each side. Only the mask (and the maps asked for) grow with its area.
@@ -282,7 +286,7 @@ def predict_region(predictor: Predictor, image: np.ndarray, name: str,
     stream = StreamingPredictor(predictor, reader, stream_settings(predictor.config), TissueMask.everywhere(reader.size),
                                 keep_cams=keep_cams)
     mask = np.empty((height, width), np.uint8)
-    cams = np.empty((NUM_CLASSES, height, width), np.float16) if keep_cams else None
+    cams = np.empty((predictor.classes.num_classes, height, width), np.float16) if keep_cams else None
     for band in stream.bands():
         rows = slice(band.top, band.top + band.mask.shape[0])
         mask[rows] = band.mask

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
+from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint
+from construct.classes import ClassSet
 from construct.config import Config
-from construct.checkpoint import backbone_identity, check_backbones, load_checkpoint
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch, tokenize
 from construct.models.construct import ConStructModel
@@ -26,7 +27,8 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> ConStruct
         conch = load_conch(model_cfg.conch.checkpoint, image_size=model_cfg.image_size, preset=model_cfg.conch.preset,
                            tokenizer_path=model_cfg.conch.tokenizer)
         with torch.no_grad():
-            text_embeddings = conch.encode_text(tokenize(model_cfg.prompts, model_cfg.conch.tokenizer))
+            prompts = list(ClassSet.from_config(config).prompts)
+            text_embeddings = conch.encode_text(tokenize(prompts, model_cfg.conch.tokenizer))
         model = ConStructModel(
             conch=conch,
             text_embeddings=text_embeddings,
@@ -52,9 +54,11 @@ def build_teacher(config: Config, device: torch.device | str = "cpu") -> MiTTeac
 def load_trained_model(config: Config, checkpoint_path: str | Path, device: torch.device | str = "cpu") -> ConStructModel:
     """Build the model of ``config`` and load a training checkpoint's trainable state, in eval mode.
 
-    A checkpoint of another model or config fails with the mismatched keys listed.
+    A checkpoint of another class set fails naming both lists; one of another model or config fails
+    with the mismatched keys listed.
     """
     checkpoint = load_checkpoint(checkpoint_path)
+    check_classes(checkpoint, ClassSet.from_config(config).names, checkpoint_path)
     model = build_model(config, "cpu")
     identity = backbone_identity(model.conch, None, config.model.conch.checkpoint, None)
     check_backbones(checkpoint, identity, checkpoint_path)

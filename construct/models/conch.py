@@ -10,7 +10,7 @@ import importlib.resources
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,9 +20,10 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.checkpoint import read_weight_file
+from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.errors import CheckpointError, ConfigError
+from construct.models.graphs import FrozenGraphs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -131,6 +132,8 @@ class ConchModel(nn.Module):
             norm_layer=nn.LayerNorm,
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.graphs: FrozenGraphs | None = None
+        """Set by :func:`~construct.models.graphs.enable_fast_path`: trunk passes on CUDA replay graphs."""
         self.register_buffer("pixel_mean", torch.empty(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.empty(1, 3, 1, 1), persistent=False)
         self._set_buffers()
@@ -189,6 +192,14 @@ class ConchModel(nn.Module):
         wanted = sorted(set(blocks))
         if not wanted or wanted[0] < 0 or wanted[-1] >= depth:
             raise ValueError(f"CONCH blocks must be a non-empty selection of 0..{depth - 1}, got {tuple(blocks)}")
+        if self.graphs is not None and images.is_cuda and not torch.is_grad_enabled():
+            key = ("trunk", tuple(blocks), intensity, final_tokens)
+            return self.graphs.run(key, partial(self._trunk_pass, blocks=blocks, wanted=wanted, intensity=intensity,
+                                                final_tokens=final_tokens), images)
+        return self._trunk_pass(images, blocks, wanted, intensity, final_tokens)
+
+    def _trunk_pass(self, images: Tensor, blocks: Sequence[int], wanted: list[int], intensity: float,
+                    final_tokens: bool) -> tuple[list[Tensor], Tensor | None]:
         normalised = self._normalise(images)
         out = self.visual.trunk.forward_intermediates(
             normalised if intensity == 1.0 else normalised * intensity,

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 from transformers import SegformerConfig, SegformerModel
 
-from construct.constants import IMAGENET_MEAN, IMAGENET_STD
 from construct.checkpoint import read_weight_file
+from construct.constants import IMAGENET_MEAN, IMAGENET_STD
 from construct.errors import CheckpointError, ConfigError
+from construct.models.graphs import FrozenGraphs
 
 _ARCH_FIELDS = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios")
 _PRESETS: dict[str, dict[str, list[int]]] = {
@@ -68,6 +69,8 @@ class MiTTeacher(nn.Module):
         # Non-persistent: they follow .to(device) but keep state_dict() in the HF "segformer." layout.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.graphs: FrozenGraphs | None = None
+        """Set by :func:`~construct.models.graphs.enable_fast_path`: passes on CUDA replay graphs."""
         self.requires_grad_(False)
         self.train(False)
 
@@ -80,6 +83,11 @@ class MiTTeacher(nn.Module):
         """B×3×H×W images in [0,1] -> list of 4 maps B×C_i×(H/s_i)×(W/s_i)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected B×3×H×W images, got shape {tuple(images.shape)}")
+        if self.graphs is not None and images.is_cuda and not torch.is_grad_enabled():
+            return self.graphs.run("stages", self._stages, images)
+        return self._stages(images)
+
+    def _stages(self, images: Tensor) -> list[Tensor]:
         pixels = (images - self.mean) / self.std
         out = self.segformer.encoder(pixels, output_hidden_states=True, return_dict=True)
         return list(out.hidden_states)

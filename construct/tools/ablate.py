@@ -24,15 +24,15 @@ from typing import Any
 
 from construct.cli import add_device_arguments, resolve_device, run_cli
 from construct.config import PAPER_SIM_OVERRIDES, Config, config_to_dict, load_config
-from construct.data.datasets import EvalDataset
+from construct.data.datasets import eval_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
-from construct.tools.prepare import prepare_inputs
 from construct.errors import ConfigError, ConStructError
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.inference.predictor import Predictor
 from construct.models.build import load_trained_model
+from construct.tools.prepare import prepare_inputs
 
 VARIANT_OVERRIDES: dict[str, list[str]] = {
     "cls": ["loss.struct_weight=0", "loss.sim_weight=0"],
@@ -79,7 +79,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, device) -> dict[s
     result = train(config, DistInfo(device=device), overwrite=True)
     model = load_trained_model(config, Path(config.work_dir) / "best.pth", device)
     with Predictor(model, config, device, tta=True, crf=config.inference.crf.enabled, workers=args.workers) as predictor:
-        metrics = evaluate_split(predictor, EvalDataset(config.data.root, "test"), config, PROTOCOLS,
+        metrics = evaluate_split(predictor, eval_dataset(config, "test"), config, PROTOCOLS,
                                  description=f"test {variant} seed {seed}")
     record = {
         "variant": variant, "seed": seed, "best_val_miou": result.best_miou, "best_iteration": result.best_iteration,

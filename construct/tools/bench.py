@@ -77,19 +77,30 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def training_objective(config: Config, model: torch.nn.Module, teacher: torch.nn.Module | None,
-                       device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The objective of ``config`` around ``model`` (teacher: None without L_struct) and AdamW on its trainable part."""
+                       device: torch.device, fast: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The objective of ``config`` around ``model`` (teacher: None without L_struct) and AdamW on its trainable part.
+
+    ``fast`` (CUDA only, as the trainer's ``train.fast_path``): the frozen towers replay CUDA graphs
+    with bf16 weights and AdamW is fused. It changes ``model.conch`` and ``teacher`` for good.
+    """
     from construct.engine.objective import ConStructObjective
+    from construct.models.graphs import enable_fast_path
 
     objective = ConStructObjective(model, teacher, config).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    if fast:
+        for tower in (model.conch, teacher):
+            if tower is not None:
+                enable_fast_path(tower)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
+                                  **({"fused": True} if fast else {}))
     return objective, optimizer
 
 
-def training_batch(batch_size: int, device: torch.device, image_size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images and multi-hot labels with ~2 classes per tile, as in BCSS-WSSS."""
-    images = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    labels = (torch.rand(batch_size, 4, device=device) < 0.5).float()
+def training_batch(batch_size: int, device: torch.device, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images of the model's size and multi-hot labels over the config's classes (about half present)."""
+    size = config.model.image_size
+    images = torch.rand(batch_size, 3, size, size, device=device)
+    labels = (torch.rand(batch_size, len(config.data.classes), device=device) < 0.5).float()
     labels[labels.sum(1) == 0, 0] = 1.0
     return images, labels
 
@@ -114,7 +125,7 @@ def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, 
     model = build_model(config, device)
     teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
     objective, optimizer = training_objective(config, model, teacher, device)
-    images, labels = training_batch(10, device)
+    images, labels = training_batch(10, device, config)
     use_bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -4,7 +4,9 @@
     python -m construct.tools.bench_slide --sizes 20000,10000 --regions 4096 --no-write
 
 Each slide size is written as a tiled pyramidal TIFF at 0.25 µm/px (:mod:`construct.data.synthetic_slide`,
-~44% tissue) and predicted by ``predict_slide`` in its own process; each region size is an
+~44% tissue) and predicted by ``predict_slide`` in its own process (GeoJSON of the class regions
+included); the GeoJSON step is then run once more on its own, from the finished mask TIFF, in a
+process of its own, so that its memory shows apart from the prediction's; each region size is an
 in-memory synthetic image predicted like ``generate_cam.py --input-dir`` does (``predict_region``).
 The model is the tiny demo model (random weights: memory and time do not depend on weight values),
 CRF on, TTA off. While a prediction runs, the resident memory of its process and of its CRF
@@ -60,6 +62,25 @@ def predict_slide_file(slide: Path, out_dir: Path, workers: int) -> dict[str, An
             report = predict_slide(opened, predictor, out_dir)
     report["main_process_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
+
+
+def trace_mask_regions(mask: Path) -> dict[str, Any]:
+    """Child process: the GeoJSON step alone, from a finished mask TIFF, with the default settings."""
+    from construct.classes import ClassSet
+    from construct.config import load_config
+    from construct.inference.regions import write_regions
+    from construct.inference.slide import region_settings
+
+    config = load_config(REPO / "configs" / "demo_random.yaml", [f"data.mpp={MPP}"])
+    imports_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the package's imports (torch)
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        summary = write_regions(mask, Path(scratch) / "regions.geojson", ClassSet.from_config(config), MPP,
+                                region_settings(config))
+        seconds = time.perf_counter() - started
+        size = (Path(scratch) / "regions.geojson").stat().st_size
+    return {"seconds": seconds, "features": summary.features, "mask_level": summary.level, "bytes": size,
+            "imports_peak_mib": imports_peak, "main_process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def predict_synthetic_region(side: int, workers: int) -> dict[str, Any]:
@@ -169,17 +190,24 @@ def render_section(slides: list[dict[str, Any]], regions: list[dict[str, Any]], 
         lines += [
             "Slides (`predict_slide`): synthetic pyramidal TIFFs at 0.25 µm/px, ~44% tissue. Seconds per megapixel",
             "count every pixel of the slide, glass included: the prediction with its outputs, and (total) the whole",
-            "run with start-up and model loading.",
+            "run with start-up and model loading. GeoJSON: the class regions step (default settings), its seconds",
+            "inside the run, and run alone from the finished mask in a fresh process: its peak memory and, in",
+            "brackets, that process's peak before the step (Python and the package's imports, torch among them).",
             "",
-            "| slide (px) | megapixels | tissue (mm²) | tiles | peak memory | s / megapixel | total |",
-            "|---|---|---|---|---|---|---|",
+            "| slide (px) | megapixels | tissue (mm²) | tiles | peak memory | s / megapixel | total "
+            "| GeoJSON: regions, mask level | in the run | alone: peak memory, time |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in slides:
             width, height = row["size_px"]
             megapixels = width * height / 1e6
+            alone = row["regions_alone"]
             lines.append(f"| {width} × {height} | {megapixels:.0f} | {row['tissue_mm2']:.2f} | {row['tiles']:,} | "
                          f"{row['tree_peak_mib'] / 1024:.2f} GiB ({row['main_process_peak_mib'] / 1024:.2f} GiB) | "
-                         f"{row['seconds'] / megapixels:.2f} | {row['wall_seconds'] / 60:.1f} min |")
+                         f"{row['seconds'] / megapixels:.2f} | {row['wall_seconds'] / 60:.1f} min | "
+                         f"{alone['features']:,}, level {alone['mask_level']} ({alone['bytes'] / 2**20:.1f} MiB) | "
+                         f"{row['regions']['seconds']:.1f} s | {alone['tree_peak_mib']:.0f} MiB ({alone['imports_peak_mib']:.0f} MiB), "
+                         f"{alone['seconds']:.1f} s |")
         big, small = slides[0], slides[-1]
         ratio = (big["size_px"][0] * big["size_px"][1]) / (small["size_px"][0] * small["size_px"][1])
         lines += ["", f"{ratio:.0f}× the area, {big['tree_peak_mib'] / small['tree_peak_mib']:.2f}× the peak memory.", ""]
@@ -218,9 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print the section instead of updating docs/benchmarks.md")
     parser.add_argument("--child-slide", nargs=2, metavar=("SLIDE", "OUT_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--child-region", type=int, metavar="SIDE", help=argparse.SUPPRESS)
+    parser.add_argument("--child-regions", type=Path, metavar="MASK", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_slide:
         print(json.dumps(predict_slide_file(Path(args.child_slide[0]), Path(args.child_slide[1]), args.workers)))
+        return
+    if args.child_regions:
+        print(json.dumps(trace_mask_regions(args.child_regions)))
         return
     if args.child_region:
         print(json.dumps(predict_synthetic_region(args.child_region, args.workers)))
@@ -236,8 +268,14 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic_slide(slide, side, side, mpp=MPP)
             print(f"{slide.name}: written in {time.perf_counter() - started:.0f} s "
                   f"({slide.stat().st_size / 2**20:.0f} MiB); predicting ...", flush=True)
-            slides.append(run_measured(["--child-slide", str(slide), str(Path(scratch) / f"out_{side}")], args.workers))
-            print(f"  peak {slides[-1]['tree_peak_mib']:.0f} MiB, {slides[-1]['wall_seconds']:.0f} s", flush=True)
+            out_dir = Path(scratch) / f"out_{side}"
+            slides.append(run_measured(["--child-slide", str(slide), str(out_dir)], args.workers))
+            print(f"  peak {slides[-1]['tree_peak_mib']:.0f} MiB, {slides[-1]['wall_seconds']:.0f} s; GeoJSON alone ...",
+                  flush=True)
+            slides[-1]["regions_alone"] = run_measured(["--child-regions", str(out_dir / f"{slide.stem}_mask.tif")],
+                                                       args.workers)
+            print(f"  peak {slides[-1]['regions_alone']['tree_peak_mib']:.0f} MiB, "
+                  f"{slides[-1]['regions_alone']['seconds']:.1f} s", flush=True)
             slide.unlink()
     for side in (int(s) for s in args.regions.split(",") if s):
         print(f"region {side}² ...", flush=True)

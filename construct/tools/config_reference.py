@@ -51,7 +51,15 @@ def _rows(cls: type, prefix: str) -> list[str]:
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         nested = _nested_dataclass(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if typing.get_origin(hints[f.name]) is list and nested is not None:  # a list of sections (data.classes)
+            rows.append(f"| `{key}` | list of {nested.__name__} | `{default!r}` | {docs.get(f.name, '').replace('|', '/')} |")
+            rows.extend(_rows(nested, key + "[i]."))
+            continue
+        if required:
+            rows.append(f"| `{key}` | {_type_text(hints[f.name])} | required | {docs.get(f.name, '').replace('|', '/')} |")
+            continue
         if nested is not None and default is not None:
             rows.extend(_rows(nested, key + "."))
             continue
@@ -60,7 +68,7 @@ def _rows(cls: type, prefix: str) -> list[str]:
             rows.append(f"| `{key}` | {nested.__name__} or null | `null` | {doc} |")
             rows.extend(_rows(nested, key + "."))
             continue
-        shown = "…" if f.name == "prompts" else repr(default).replace("|", "\\|")
+        shown = repr(default).replace("|", "\\|")
         rows.append(f"| `{key}` | {_type_text(hints[f.name])} | `{shown}` | {docs.get(f.name, '').replace('|', '/')} |")
     return rows
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from construct.classes import ClassSet
 from construct.config import load_config
-from construct.constants import BACKGROUND_INDEX
 from construct.data.io import read_mask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,10 +34,10 @@ def run(command: list[str]) -> None:
         sys.exit(f"demo step failed (exit {result.returncode}): {shlex.join(command)}")
 
 
-def richest_test_image(root: Path) -> str:
+def richest_test_image(root: Path, classes: ClassSet) -> str:
     """The test tile whose mask shows the most tissue classes: the most telling prototype figure."""
     masks = sorted((root / "test" / "mask").glob("*.png"))
-    return max(masks, key=lambda path: len(set(np.unique(read_mask(path)).tolist()) - {BACKGROUND_INDEX})).name
+    return max(masks, key=lambda path: len(set(np.unique(read_mask(path, classes)).tolist()) - {classes.background})).name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     config = load_config(DEMO_CONFIG)
+    classes = ClassSet.from_config(config)
     work_dir = Path(config.work_dir)  # relative to the repo root, where every step runs
     run_config = str(work_dir / "config.yaml")
     checkpoint = str(work_dir / "best.pth")
@@ -57,14 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     run([python, "visualization_utils/generate_cam.py", "--config", run_config, "--checkpoint", checkpoint,
          "--split", "test", "--overlay", "--save-cam", "--max-images", str(args.images), "--device", "cpu"])
     run([python, "visualization_utils/visualize_prototypes.py", "--config", run_config, "--checkpoint", checkpoint,
-         "--split", "test", "--images", richest_test_image(REPO / config.data.root), "--device", "cpu"])
+         "--split", "test", "--images", richest_test_image(REPO / config.data.root, classes), "--device", "cpu"])
 
     metrics = {p: json.loads((REPO / work_dir / f"metrics_test_{p}.json").read_text())
                for p in ("predicted", "ground_truth")}
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     for protocol, record in metrics.items():
-        print(f"  test mIoU {record['miou']:.2f}  mDice {record['mdice']:.2f}  (presence: {protocol}, CRF on)")
-    print(f"  data:        {config.data.root}/ (synthetic BCSS-WSSS layout)")
+        print(f"  test mIoU {record['miou']:.2f}  mDice {record['mdice']:.2f}  (presence: {protocol}, CRF on, "
+              f"background {record['background']}; mean over {'/'.join(classes.names)})")
+    print(f"  data:        {config.data.root}/ (synthetic {config.data.name} layout: {classes.describe()})")
     print(f"  run:         {work_dir}/ (config.yaml, best.pth, latest.pth, log.jsonl)")
     print(f"  metrics:     {work_dir}/metrics_test_predicted.json, metrics_test_ground_truth.json")
     print(f"  masks:       {work_dir}/test_cams/ (palette PNGs; overlay/ and cam/ beside them)")

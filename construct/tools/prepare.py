@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from construct.classes import ClassSet
 from construct.config import Config
 from construct.engine.distributed import DistInfo, barrier
 
@@ -16,13 +17,18 @@ def prepare_inputs(config: Config, dist_info: DistInfo) -> None:
     """Generate the configured synthetic dataset and pretrain the testbed towers, if either is missing."""
     synthetic = config.data.synthetic
     if synthetic is not None and dist_info.is_main:
-        from construct.data.synthetic import generate_dataset
+        from construct.data.synthetic import Layout, generate_dataset
 
+        layout = Layout(textures=None if synthetic.textures is None else tuple(synthetic.textures),
+                        label_format="csv" if config.data.label_csv else synthetic.label_format,
+                        label_csv=config.data.label_csv or "labels.csv", val_folder=synthetic.val_folder,
+                        alveoli=synthetic.alveoli)
         generate_dataset(config.data.root, synthetic.train, synthetic.val, synthetic.test, synthetic.seed,
-                         size=config.model.image_size, style=synthetic.style, painter=synthetic.painter)
+                         ClassSet.from_config(config), size=config.model.image_size, style=synthetic.style,
+                         layout=layout, painter=synthetic.painter)
     if config.model.testbed_seed is not None and dist_info.is_main:
         from construct.tools.testbed.pretrain import ensure_testbed
 
         ensure_testbed(Path(config.model.conch.checkpoint).parent, config.model.testbed_seed,
-                       prompts=config.model.prompts)
+                       prompts=list(ClassSet.from_config(config).prompts))
     barrier(dist_info)

@@ -17,7 +17,9 @@ import argparse
 from dataclasses import fields, replace
 from pathlib import Path
 
+from construct.classes import ClassSet
 from construct.cli import run_cli
+from construct.config import load_config
 from construct.errors import ConfigError
 from construct.tools.testbed.premises import format_premises
 from construct.tools.testbed.pretrain import MANIFEST, Budget, ensure_testbed
@@ -36,7 +38,8 @@ def main(args: argparse.Namespace) -> None:
         except ValueError:
             raise ConfigError(f"--budget: '{value}' is not a number for {key}") from None
     budget.painter_names()  # a bad painter list fails before anything is drawn
-    manifest = ensure_testbed(args.out, args.seed, budget)
+    prompts = list(ClassSet.from_config(load_config(args.config)).prompts)
+    manifest = ensure_testbed(args.out, args.seed, prompts, budget)
     print(f"premises (held-out synthetic tiles; {args.out / MANIFEST}):")
     print(format_premises(manifest["premises"]))
 
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the pretrained towers (created)")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0)")
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
+                        help="config whose class prompts the tiny CONCH learns (default: configs/demo.yaml)")
     parser.add_argument("--budget", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override the pretraining budget, e.g. conch_steps=20 (tests use a tiny one), or "
                              "painters=noise,glands to hold the classic painter out (transfer measurement)")

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from construct.tools.bench import synchronize
 from construct.config import config_to_dict
+from construct.tools.bench import synchronize
 from construct.tools.gpu_check.plan import Plan, check_config
 
 
 def run_evaluation(plan: Plan) -> bool:
-    """Images/s with TTA, without and with the CRF pool (and a plain pass for reference).
+    """Images/s with TTA, without and with the CRF pool (and a plain pass for reference), on the
+    eager path and then with ``inference.fast_path`` (a copy of the model whose CONCH replays CUDA
+    graphs; on the CPU those rows run the eager path).
 
     Batches come from the test split through a DataLoader with pinned memory and are moved to the
     device before the predictor sees them, so the CRF pool is fed from device tensors as in
@@ -22,15 +25,18 @@ def run_evaluation(plan: Plan) -> bool:
     synchronised), post-processing (gating, upsampling, the copy to the host, the CRF) and waiting
     for the loader.
     """
+    from construct.classes import ClassSet
     from construct.data.datasets import EvalDataset
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
 
     device = torch.device(plan.device)
     config = check_config(plan.dry_run)
+    fast_config = check_config(plan.dry_run, "inference.fast_path=true")
     started = time.perf_counter()
     model = build_model(config, device).eval()
-    dataset = EvalDataset(plan.data_root, "test")
+    fast_model = copy.deepcopy(model)
+    dataset = EvalDataset(plan.data_root, "test", ClassSet.from_config(config))
     inference = config_to_dict(config)["inference"]
     result: dict[str, Any] = {
         "model_build_s": time.perf_counter() - started, "tiles": len(dataset), "batch": config.inference.batch_size,
@@ -40,17 +46,21 @@ def run_evaluation(plan: Plan) -> bool:
     }
     loader = DataLoader(dataset, batch_size=config.inference.batch_size, num_workers=plan.loader_workers,
                         pin_memory=device.type == "cuda", persistent_workers=plan.loader_workers > 0)
-    settings = {
+    options_by_name = {
         "no TTA, no CRF": {"tta": False, "crf": False},
         "TTA, no CRF": {"tta": True, "crf": False},
         f"TTA + CRF pool ({plan.crf_workers} workers)": {"tta": True, "crf": True},
     }
-    for index, (name, options) in enumerate(settings.items()):
+    settings = {name: (model, config, options) for name, options in options_by_name.items()}
+    settings.update({f"{name}, fast path": (fast_model, fast_config, options) for name, options in options_by_name.items()})
+    for index, (name, (setting_model, setting_config, options)) in enumerate(settings.items()):
         share = plan.time_left() / (len(settings) - index)  # what is left, split over the settings to come
-        with Predictor(model, config, device, workers=plan.crf_workers, **options) as predictor:
+        with Predictor(setting_model, setting_config, device, workers=plan.crf_workers, **options) as predictor:
             result["settings"][name] = _time_setting(predictor, loader, device, config.inference.presence, plan,
                                                      time.time() + share)
         entry = result["settings"][name]
+        if setting_model.conch.graphs is not None:
+            entry["cuda_graphs"] = len(setting_model.conch.graphs)
         print(f"  {name}: {entry['images_per_s']:.1f} images/s ({entry['images']} images)", flush=True)
         plan.save_result(result)
     return True

@@ -15,19 +15,23 @@ def projection(parts: dict[str, Any]) -> dict[str, Any]:
 
     Training: 2 epochs at batch 10 on one GPU (the last, incomplete batch of an epoch is dropped),
     at main.py's steady rate (data loading included) and at each bench variant's step rate (no
-    loading). Validation passes are not included. Test: TTA + CRF at the measured rate; with
+    loading), each on the eager and the fast path where measured. Validation passes are not
+    included. Test: TTA + CRF at the measured rate (eager and fast path); with
     ``--protocol both`` (evaluate_performance.py's default) the post-processing and CRF run twice
     per image, the network once.
     """
     iterations = PAPER_EPOCHS * (BCSS_TRAIN_TILES // PAPER_BATCH)
     train: dict[str, float] = {}
-    run = parts.get("train_run", {})
-    if run.get("steady_seconds_per_iteration"):
-        train["main.py, default config (data loading included)"] = iterations * run["steady_seconds_per_iteration"] / 60
-    for name, entry in parts.get("train_bench", {}).get("variants", {}).items():
-        at_batch = entry.get("at_batch")
-        if at_batch and at_batch["batch"] == PAPER_BATCH:
-            train[f"bench step, {name}"] = iterations * at_batch["seconds_per_step"] / 60
+    for part, suffix in (("train_run", ""), ("train_run_fast", ", fast path")):
+        run = parts.get(part, {})
+        if run.get("steady_seconds_per_iteration"):
+            train[f"main.py, default config (data loading included){suffix}"] = (
+                iterations * run["steady_seconds_per_iteration"] / 60)
+    for key, suffix in (("at_batch", ""), ("at_batch_fast", ", fast path")):
+        for name, entry in parts.get("train_bench", {}).get("variants", {}).items():
+            at_batch = entry.get(key)
+            if at_batch and at_batch["batch"] == PAPER_BATCH:
+                train[f"bench step, {name}{suffix}"] = iterations * at_batch["seconds_per_step"] / 60
     test: dict[str, float] = {}
     for name, entry in parts.get("eval", {}).get("settings", {}).items():
         if "CRF" in name and "no CRF" not in name and entry.get("images"):
@@ -62,6 +66,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         intro += (f" GPU memory {env.get('gpu_memory_gib', 0):.1f} GiB, driver {env.get('driver')}, CUDA {env.get('cuda')}, "
                   f"cuDNN {env.get('cudnn')}, NCCL {env.get('nccl')}; {env.get('usable_cpus')} usable CPU cores "
                   f"(os.cpu_count() {env.get('cpu_count')}). Real-size random towers (CONCH ViT-B/16 + MiT-B1), 224 px.")
+    if report.get("dry_run"):
+        intro += (" Fast-path rows run the eager path here (CUDA graphs, bf16 towers and fused AdamW need CUDA;"
+                  " main.py keeps the deferred non-finite check).")
     if env.get("pin_mismatches"):
         mismatches = ", ".join(f"{name} {found}" for name, found in env["pin_mismatches"].items())
         intro += f" Versions other than requirements.txt's: {mismatches}."
@@ -87,7 +94,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for name, entry in bench["variants"].items():
-            for key, label in (("at_batch", ""), ("largest_batch", " (largest)")):
+            for key, label in (("at_batch", ""), ("at_batch_fast", " (fast path)"), ("largest_batch", " (largest)")):
                 m = entry.get(key)
                 if m:
                     lines.append(f"| {name} | {m['batch']}{label} | {m['steps_per_s']:.2f} | {m['images_per_s']:.1f} | "
@@ -95,10 +102,24 @@ def render_markdown(report: dict[str, Any]) -> str:
             for problem in entry.get("errors", []) + entry.get("skipped", []):
                 lines.append(f"| {name} | {problem} | | | | |")
         lines.append("")
-    run = parts.get("train_run", {})
-    if run.get("iterations"):
+    match = parts.get("train_match", {})
+    if match.get("max_relative_difference"):
+        largest = match["max_relative_difference"]
         lines += [
-            f"`main.py` on {run.get('train_tiles')} synthetic tiles: {run['iterations']} iterations at batch "
+            f"Eager vs fast path, default objective, the same {match.get('steps')} seeded random batches of "
+            f"{match.get('batch')} from the same weights ({match.get('cuda_graphs', 0)} CUDA graphs captured on the fast "
+            f"path): largest relative difference of the total loss at any step {largest['total']:.2e} (median "
+            f"{match['median_relative_difference']['total']:.2e}; per term: "
+            + ", ".join(f"{name} {value:.2e}" for name, value in largest.items() if name != "total")
+            + f"); tolerance {match.get('tolerance')}: **{'match' if match.get('match') else 'no match'}**.",
+            "",
+        ]
+    for part, label in (("train_run", "eager path"), ("train_run_fast", "fast path (`train.fast_path=true`)")):
+        run = parts.get(part, {})
+        if not run.get("iterations"):
+            continue
+        lines += [
+            f"`main.py`, {label}, on {run.get('train_tiles')} synthetic tiles: {run['iterations']} iterations at batch "
             f"{run.get('batch')}, {run.get('num_workers')} loader workers, pinned memory "
             f"{'on' if run.get('pin_memory') else 'off'}: "
             + (f"{1 / run['steady_seconds_per_iteration']:.2f} it/s steady "
@@ -106,6 +127,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                if run.get("steady_seconds_per_iteration") else "")
             + f"validation mIoU {run.get('val_miou', float('nan')):.1f} on {run.get('val_tiles')} tiles; "
             f"checkpoints {', '.join(run.get('checkpoints', [])) or 'none'}; {run.get('seconds', 0):.0f} s in all.",
+            "",
+        ]
+    loader = parts.get("loader", {})
+    if loader.get("images_per_s"):
+        lines += [
+            f"Training loader alone (PNG decoding, flips/rotations, {'pinned ' if not report.get('dry_run') else ''}"
+            f"batches of {loader.get('batch')}; {loader.get('workers')} workers, persistent, 4 batches prefetched each): "
+            f"{loader['images_per_s']:.0f} images/s over {loader.get('images')} images.",
             "",
         ]
     ddp = parts.get("torchrun", {})
@@ -128,6 +157,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
             *[f"| {name} | {e['images_per_s']:.1f} | {e['network_s']:.1f} s | {e['postprocess_s']:.1f} s | "
               f"{e['loading_s']:.1f} s | {e['warmup_s']:.1f} s |" for name, e in evaluation["settings"].items()],
+            *(["", "The fast-path rows copy the model and set `inference.fast_path`; the warm-up includes "
+               "capturing the CUDA graphs of the TTA passes."] if any("fast path" in n for n in evaluation["settings"]) else []),
             "",
         ]
     proj = parts.get("projection", {})

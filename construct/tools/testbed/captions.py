@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from construct.constants import BACKGROUND_INDEX
+from construct.data.synthetic import GLASS
 
-# Paraphrases of each class (TUM, STR, LYM, NEC, BACK), from its prototype prompt's vocabulary.
+# Paraphrases of each generator texture (tumour, stroma, lymphocytes, necrosis, glass), in the
+# vocabulary of the BCSS-WSSS prompts that the demo gives those textures.
 CLASS_PHRASES: tuple[tuple[str, ...], ...] = (
     ("tumor", "tumour", "tumor cells", "malignant epithelial cells", "carcinoma", "invasive carcinoma",
      "pleomorphic hyperchromatic nuclei", "cancerous epithelium"),
@@ -35,10 +36,10 @@ def join_phrases(phrases: Sequence[str]) -> str:
 
 
 def caption(rng: np.random.Generator, classes: Sequence[int], prompts: Sequence[str], prompt_rate: float = 0.2) -> str:
-    """A caption naming ``classes`` (class indices, BACK = 4 allowed); for one tissue class it is
+    """A caption naming ``classes`` (generator texture indices, glass allowed); for one tissue class it is
     sometimes that class's prototype prompt itself, so the prompts are among what CONCH learned."""
     classes = list(classes)
-    if len(classes) == 1 and classes[0] != BACKGROUND_INDEX and rng.random() < prompt_rate:
+    if len(classes) == 1 and classes[0] != GLASS and rng.random() < prompt_rate:
         return prompts[classes[0]]
     order = rng.permutation(len(classes))
     phrases = [CLASS_PHRASES[classes[i]][rng.integers(len(CLASS_PHRASES[classes[i]]))] for i in order]

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from construct.constants import NUM_CLASSES
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import PAINTERS, STYLES, Style, make_tile, paint
+from construct.data.synthetic import PAINTERS, STYLES, TEXTURE_NAMES, Style, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
@@ -53,7 +52,7 @@ def pure_tiles(seed: int, eval_set: str = "classic", per_class: int = 12, size: 
     painter, style = _set_style(eval_set)
     return [torch.stack([to_tensor(paint(tagged_rng(seed, HELD_OUT_PURE_TAG, _set_offset(eval_set) + cls * 1000 + i),
                                           np.full((size, size), cls, np.uint8), style, painter))
-                         for i in range(per_class)]) for cls in range(NUM_CLASSES)]
+                         for i in range(per_class)]) for cls in range(len(TEXTURE_NAMES))]
 
 
 @torch.no_grad()
@@ -69,7 +68,7 @@ def held_out_tiles(seed: int, count: int, eval_set: str = "classic") -> list[tup
     painter, style = _set_style(eval_set)
     tiles = []
     for i in range(count):
-        image, mask = make_tile(tagged_rng(seed, HELD_OUT_MIXED_TAG, _set_offset(eval_set) + i), 224, style, painter)
+        image, mask = make_tile(tagged_rng(seed, HELD_OUT_MIXED_TAG, _set_offset(eval_set) + i), 224, style, painter=painter)
         tiles.append((to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
     return tiles
 
@@ -81,7 +80,7 @@ def fg_bg_gaps(conch: ConchModel, prompts: Sequence[str], tiles: Sequence[tuple[
     text = conch.encode_text(tokenize(prompts))
     gaps = []
     for image, mask in tiles:
-        for cls in range(NUM_CLASSES):
+        for cls in range(len(TEXTURE_NAMES)):
             inside = (mask == cls).float()
             if inside.mean() < min_area or inside.mean() > 1 - min_area:
                 continue

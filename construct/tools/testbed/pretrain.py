@@ -39,10 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from construct.config import DEFAULT_PROMPTS
-from construct.constants import BACKGROUND_INDEX, NUM_CLASSES
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import PAINTERS, Style, make_tile, paint
+from construct.data.synthetic import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
@@ -134,8 +132,8 @@ class CaptionedImages:
         self.budget = budget
         painters = budget.painter_names()
         # Tile i of a pool is drawn by painter i mod n, each with its own randomised palette and scale.
-        self.pure: list[list[torch.Tensor]] = [[] for _ in range(NUM_CLASSES + 1)]
-        for c in range(NUM_CLASSES + 1):
+        self.pure: list[list[torch.Tensor]] = [[] for _ in range(len(TEXTURE_NAMES) + 1)]
+        for c in range(len(TEXTURE_NAMES) + 1):
             for i in range(budget.pure_per_class):
                 rng = tagged_rng(seed, PURE_TAG, c * 10_000 + i)
                 painter = painters[i % len(painters)]
@@ -146,7 +144,7 @@ class CaptionedImages:
         for i in range(budget.mixed_tiles):
             rng = tagged_rng(seed, MIXED_TAG, i)
             painter = painters[i % len(painters)]
-            image, mask = make_tile(rng, 224, randomised_style(rng, PAINTERS[painter].palette), painter)
+            image, mask = make_tile(rng, 224, randomised_style(rng, PAINTERS[painter].palette), painter=painter)
             self.mixed.append((to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
         self.rng = np.random.default_rng([seed, 99])
         self.generator = torch.Generator().manual_seed(seed)
@@ -155,16 +153,16 @@ class CaptionedImages:
         """A side×side crop at native scale: class-pure or from a mixed tile (half each), with its classes."""
         if self.rng.random() < 0.5:
             # Background is easy and is not a prototype class: it is drawn less often.
-            cls = int(self.rng.choice(NUM_CLASSES + 1, p=[0.225] * NUM_CLASSES + [0.1]))
+            cls = int(self.rng.choice(len(TEXTURE_NAMES) + 1, p=[0.225] * len(TEXTURE_NAMES) + [0.1]))
             source = self.pure[cls][int(self.rng.integers(len(self.pure[cls])))]
             top, left = self.rng.integers(0, PURE_SIZE - side + 1, 2)
             return source[:, top:top + side, left:left + side], (cls,)
         image, mask = self.mixed[int(self.rng.integers(len(self.mixed)))]
         top, left = self.rng.integers(0, image.shape[-1] - side + 1, 2)
         crop, mask = image[:, top:top + side, left:left + side], mask[top:top + side, left:left + side]
-        area = torch.bincount(mask.flatten(), minlength=BACKGROUND_INDEX + 1).float() / mask.numel()
-        present = [c for c in range(BACKGROUND_INDEX + 1) if area[c] >= MIN_AREA] or [int(area.argmax())]
-        tissue = [c for c in present if c != BACKGROUND_INDEX]
+        area = torch.bincount(mask.flatten(), minlength=GLASS + 1).float() / mask.numel()
+        present = [c for c in range(GLASS + 1) if area[c] >= MIN_AREA] or [int(area.argmax())]
+        tissue = [c for c in present if c != GLASS]
         if len(tissue) >= 2 and self.rng.random() < BLACKOUT_RATE:
             hidden = int(self.rng.choice(tissue))
             crop = crop * (mask != hidden)
@@ -203,14 +201,14 @@ def symmetric_multi_positive_loss(image_emb: torch.Tensor, text_emb: torch.Tenso
     return 0.5 * (image_to_text + text_to_image)
 
 
-def pretrain_conch(seed: int, budget: Budget, prompts: Sequence[str] = DEFAULT_PROMPTS,
+def pretrain_conch(seed: int, budget: Budget, prompts: Sequence[str],
                    log: Callable[[str], None] = print) -> ConchModel:
     """Train the tiny CONCH's image and text towers together; returns it frozen, as loaders do."""
     torch.manual_seed(seed)
     conch = load_conch(None, image_size=224, preset="tiny")
     started = time.perf_counter()
     data = CaptionedImages(seed, budget, prompts)
-    log(f"  drew {budget.pure_per_class * (NUM_CLASSES + 1)} class-pure crops and {budget.mixed_tiles} mixed tiles "
+    log(f"  drew {budget.pure_per_class * (len(TEXTURE_NAMES) + 1)} class-pure crops and {budget.mixed_tiles} mixed tiles "
         f"({time.perf_counter() - started:.0f} s)")
     token_cache: dict[str, torch.Tensor] = {}
     trained = [p for name, p in conch.named_parameters() if not name.startswith("visual.attn_pool_caption")
@@ -292,7 +290,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def ensure_testbed(folder: str | Path, seed: int, budget: Budget = Budget(), prompts: Sequence[str] = DEFAULT_PROMPTS,
+def ensure_testbed(folder: str | Path, seed: int, prompts: Sequence[str], budget: Budget = Budget(),
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain both towers into ``folder`` unless it already holds them for this seed and budget.
 
