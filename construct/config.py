@@ -139,6 +139,15 @@ class ConchConfig:
     """Architecture: the real ViT-B/16, or a tiny one of the same classes for tests and the demo."""
     tokenizer: str | None = None
     """CONCH tokenizer JSON; null = the file shipped in the conch-fork package."""
+    normalization: Literal["clip", "dataset"] = "clip"
+    """Statistics the feature pass (what the CAMs see) normalises the pixels with: CONCH's own (CLIP)
+    or dataset_mean/dataset_std (the released code feeds CONCH BCSS-normalised pixels). L_sim's image
+    views always get CLIP normalisation, as in the released code."""
+    dataset_mean: list[float] | None = None
+    """Per-channel RGB mean (0-1) of the training tiles, for normalization: dataset and
+    inference.crf_image: denormalized (configs/bcss_released.yaml gives BCSS-WSSS's, as released)."""
+    dataset_std: list[float] | None = None
+    """Per-channel RGB std (0-1) of the training tiles, with dataset_mean."""
 
 
 @dataclass
@@ -147,6 +156,9 @@ class TeacherConfig:
     """MiT-B1 weights: a Hugging Face folder (nvidia/mit-b1) or NVlabs/mmseg .pth; null = random."""
     preset: Literal["mit_b1", "tiny"] = "mit_b1"
     """Architecture: the real MiT-B1, or a tiny one for tests and the demo."""
+    mode: Literal["eval", "train"] = "eval"
+    """'eval': the frozen teacher is deterministic. 'train' (the released code): it stays in train mode
+    during training, so stochastic depth (drop-path rate 0.1) randomly drops its residual branches."""
 
 
 @dataclass
@@ -169,6 +181,19 @@ class ModelConfig:
     """Weight of each CAM level in the fused CAM (same length as cam_levels)."""
     distill_pairs: list[list[int]] = field(default_factory=lambda: [[3, 3]])
     """[student level, teacher stage] pairs matched by the relational structural loss."""
+    allow_unused_distill_levels: bool = False
+    """Allow distill_pairs on levels outside cam_levels (each gets its own adapter). The released code
+    distils level 2 while its CAMs come from level 3: L_struct then trains an adapter whose output
+    reaches no CAM, so CAMs, logits and the other parameters train as with loss.struct_weight 0."""
+    adapter_padding: Literal["reflect", "zeros"] = "reflect"
+    """Padding of the adapters' 3x3 depthwise convolution: reflect, or zeros (the released code; zero
+    padding lets the kernels mark the tile border)."""
+    projector_input: Literal["normalized", "raw"] = "normalized"
+    """What the adaptive layer maps: the L2-normalised prototypes, or the raw prototype parameters
+    (the released code; the same at initialisation, different once the prototypes' norms drift)."""
+    projector_init: Literal["default", "trunc_normal"] = "default"
+    """Initial weights of the adaptive layer: PyTorch's Linear default, or truncated normal std 0.02
+    with zero biases (the released code)."""
     prototypes_per_class: int = 1
     """K learnable prototypes per class; a class's CAM is the max over its K prototypes."""
     projector_ratio: float = 0.5
@@ -201,9 +226,11 @@ class LossConfig:
     """Image views only: side in px at which the views are encoded (null = model.image_size)."""
     sim_max_pairs: int = 0
     """Cap on the (image, class) pairs of L_sim per step, drawn uniformly; 0 = all pairs."""
-    sim_gradient: Literal["encoder", "prototypes"] = "encoder"
+    sim_gradient: Literal["encoder", "prototypes", "none"] = "encoder"
     """'encoder': L_sim's gradient reaches the CAMs (through the encoder or the pooling weights) and
-    the prototypes; 'prototypes': views are embedded without a graph, only the prototypes learn."""
+    the prototypes; 'prototypes': views are embedded without a graph, only the prototypes learn;
+    'none' (the released code): the term is computed and logged but has no gradient at all, so it
+    trains exactly like loss.sim_weight 0 (it adds a constant to the loss)."""
     sim_checkpoint_chunk: int = 0
     """Image views with gradient: encode in chunks of this many views under activation
     checkpointing, holding one chunk's activations at a time (0 = all at once, all kept)."""
@@ -228,11 +255,23 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
     poly_power: float = 1.0
-    """Poly decay lr_t = lr * (1 - t/T) ** poly_power, no warm-up."""
+    """Poly decay lr_t = lr * (1 - t/T) ** poly_power (after the warm-up, if any)."""
+    warmup_iters: int = 0
+    """Linear warm-up iterations W in the released code's form: lr_t = lr * (1 - (1 - t/W) * (1 -
+    warmup_ratio)) for t < W, then lr * (1 - (t - W)/T) ** poly_power. 0 = none (the released
+    config sets 0, so its schedule is this project's plain poly decay)."""
+    warmup_ratio: float = 1e-6
+    """Learning-rate multiplier at iteration 0 of the warm-up."""
     seed: int = 42
     """Seeds data order, augmentation and random (checkpoint-less) backbones."""
     mixed_precision: bool = True
-    """bf16 autocast on CUDA (CPU always runs fp32)."""
+    """Autocast on CUDA in autocast_dtype (CPU always runs fp32)."""
+    autocast_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    """Mixed-precision type of training on CUDA. float16 (the released code's torch.cuda.amp) also
+    scales the loss with a GradScaler, which skips steps whose gradients overflow."""
+    validation: Literal["fast", "full"] = "fast"
+    """Validation during training (it picks best.pth): 'fast' = one plain pass, no CRF; 'full' = the
+    inference pipeline of this config (TTA, CRF, inference.presence), as the released code validates."""
     eval_interval: int = 0
     """Validate every N iterations; 0 = once per epoch."""
     checkpoint_interval: int = 0
@@ -295,6 +334,14 @@ class InferenceConfig:
     """Probability above which a class counts as present under the predicted protocol."""
     background_power: float = 10.0
     """Background channel = (1 - max_c CAM_c) ** background_power."""
+    cam_normalization: Literal["after_tta", "per_pass"] = "after_tta"
+    """When CAMs are ReLU'd and min-max scaled: once, on the TTA average of the raw CAMs; or on every
+    TTA pass before averaging, the average left unscaled (the released code)."""
+    upsample_align_corners: bool = False
+    """Upsample the CAMs to the image with bilinear align_corners=True (the released code) or False."""
+    crf_softmax: bool = False
+    """Softmax over the 5 channels (4 gated CAMs in [0, 1] + background) before the dense CRF (the
+    released code): it squeezes the unary towards uniform, so the CRF's pairwise terms weigh more."""
     tta: Literal["intensity", "resize"] = "intensity"
     """Test-time augmentation. 'intensity' (the authors' code, which made the paper's numbers): CONCH's
     normalised input times each factor at the tile's size; CAMs averaged, logits from the plain pass.
@@ -309,6 +356,12 @@ class InferenceConfig:
     """Stride of the sliding window on images larger than model.image_size; null = half the tile."""
     batch_size: int = 16
     """Images per forward pass at inference and validation."""
+    mixed_precision: bool = True
+    """bf16 autocast for inference on CUDA; false = fp32 (the released code evaluates in fp32)."""
+    crf_image: Literal["exact", "denormalized"] = "exact"
+    """Pixels the CRF's appearance kernel compares: the tile's own uint8 values, or (the released code)
+    values rebuilt from the dataset-normalised tensor (model.conch.dataset_mean/std) and truncated,
+    so float error leaves many of them one level lower."""
     fast_path: bool = False
     """CUDA only: CONCH's frozen forward replayed as CUDA graphs with bf16 weights, one graph per
     TTA pass shape (evaluation, export, slides); ignored on the CPU. Training validation follows
@@ -534,9 +587,10 @@ def validate(config: Config, source: str) -> None:
     for i, pair in enumerate(model.distill_pairs):
         if len(pair) != 2 or not 0 <= pair[0] < levels or not 0 <= pair[1] < 4:
             fail(f"model.distill_pairs[{i}]", f"must be [student level 0..{levels - 1}, teacher stage 0..3], got {pair}")
-        if pair[0] not in model.cam_levels:
+        if pair[0] not in model.cam_levels and not model.allow_unused_distill_levels:
             # Distilling a level that feeds no CAM cannot change the output (method.md §9.1).
-            fail(f"model.distill_pairs[{i}]", f"student level {pair[0]} must be one of model.cam_levels {model.cam_levels}")
+            fail(f"model.distill_pairs[{i}]", f"student level {pair[0]} must be one of model.cam_levels {model.cam_levels} "
+                 "(or set model.allow_unused_distill_levels)")
     if model.testbed_seed is not None:
         conch_file = model.conch.checkpoint
         expected_teacher = None if conch_file is None else str(Path(conch_file).parent / "mit")
@@ -557,6 +611,20 @@ def validate(config: Config, source: str) -> None:
         fail("loss.fg_threshold", f"must lie in (0, 1), got {config.loss.fg_threshold}")
     if config.loss.memory_bank_size < 0:
         fail("loss.memory_bank_size", "must be >= 0")
+    if config.train.warmup_iters < 0:
+        fail("train.warmup_iters", "must be >= 0 (0 = no warm-up)")
+    if not 0.0 <= config.train.warmup_ratio <= 1.0:
+        fail("train.warmup_ratio", f"must lie in [0, 1], got {config.train.warmup_ratio}")
+    conch = model.conch
+    needs_stats = conch.normalization == "dataset" or config.inference.crf_image == "denormalized"
+    for key, values in (("dataset_mean", conch.dataset_mean), ("dataset_std", conch.dataset_std)):
+        if values is None:
+            if needs_stats:
+                fail(f"model.conch.{key}", "is needed by model.conch.normalization: dataset and inference.crf_image: denormalized")
+        elif len(values) != 3:
+            fail(f"model.conch.{key}", f"needs 3 values (R, G, B), got {values}")
+    if conch.dataset_std is not None and any(v <= 0 for v in conch.dataset_std):
+        fail("model.conch.dataset_std", f"must all be positive, got {conch.dataset_std}")
     if config.loss.sim_max_pairs < 0:
         fail("loss.sim_max_pairs", "must be >= 0 (0 = all pairs)")
     if not 0.0 <= config.loss.sim_warmup < 1.0:
@@ -567,7 +635,7 @@ def validate(config: Config, source: str) -> None:
         if config.loss.sim_view_size is not None or config.loss.sim_checkpoint_chunk:
             key = "sim_view_size" if config.loss.sim_view_size is not None else "sim_checkpoint_chunk"
             fail(f"loss.{key}", "only applies to loss.sim_views: image (token views run no encoder pass)")
-    elif config.loss.sim_checkpoint_chunk and config.loss.sim_gradient == "prototypes":
+    elif config.loss.sim_checkpoint_chunk and config.loss.sim_gradient != "encoder":
         fail("loss.sim_checkpoint_chunk", "needs loss.sim_gradient: encoder (prototype-only views keep no activations)")
     if config.loss.sim_view_size is not None and (config.loss.sim_view_size <= 0 or config.loss.sim_view_size % 16):
         fail("loss.sim_view_size", f"must be a positive multiple of 16, got {config.loss.sim_view_size}")

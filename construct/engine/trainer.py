@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, save_checkpoint
 from construct.classes import ClassSet
-from construct.config import Config, config_to_dict, save_config
+from construct.config import Config, TrainConfig, config_to_dict, save_config
 from construct.data.datasets import eval_dataset, train_dataset
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
@@ -53,9 +53,30 @@ def parameter_report(groups: dict[str, list[torch.nn.Parameter]]) -> str:
     return "parameters:\n" + "\n".join(rows)
 
 
-def poly_lambda(total_iterations: int, power: float) -> Callable[[int], float]:
-    """Poly decay without warm-up: lr_t = lr_0 · (1 − t/T)^power."""
-    return lambda step: max(0.0, 1.0 - step / max(total_iterations, 1)) ** power
+def poly_lambda(total_iterations: int, power: float, warmup_iters: int = 0,
+                warmup_ratio: float = 1e-6) -> Callable[[int], float]:
+    """Poly decay lr_t = lr_0 · (1 − t/T)^power, after an optional linear warm-up of W iterations.
+
+    The warm-up has the released code's form: the multiplier rises linearly from ``warmup_ratio`` at
+    t = 0 towards 1, and the decay then runs as (1 − (t − W)/T)^power (T, not T − W, in the
+    denominator). W = 0 is the plain poly decay.
+    """
+    total = max(total_iterations, 1)
+
+    def multiplier(step: int) -> float:
+        if step < warmup_iters:
+            return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+        return max(0.0, 1.0 - (step - warmup_iters) / total) ** power
+
+    return multiplier
+
+
+def mixed_precision(train_cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+    """(autocast on, its dtype, loss scaling on) for training on ``device``: autocast only on CUDA;
+    fp16 needs loss scaling (the released code's GradScaler), bf16 has fp32's range and does not."""
+    enabled = train_cfg.mixed_precision and device.type == "cuda"
+    dtype = getattr(torch, train_cfg.autocast_dtype)
+    return enabled, dtype, enabled and dtype == torch.float16
 
 
 def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> None:
@@ -159,7 +180,8 @@ def train(
     total_iterations = iterations_per_epoch * train_cfg.epochs
     if train_cfg.max_iters is not None:
         total_iterations = min(total_iterations, train_cfg.max_iters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power,
+                                                                          train_cfg.warmup_iters, train_cfg.warmup_ratio))
 
     identity = backbone_identity(model.conch, teacher, config.model.conch.checkpoint, config.model.teacher.checkpoint)
     iteration = 0
@@ -187,6 +209,7 @@ def train(
             "objective": objective.extra_state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "iteration": it,
@@ -197,7 +220,10 @@ def train(
         }
 
     logger = JsonlLogger(work_dir / "log.jsonl", dist_info.is_main)
-    use_bf16 = train_cfg.mixed_precision and device.type == "cuda"
+    use_amp, amp_dtype, scale_loss = mixed_precision(train_cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=scale_loss)
+    if checkpoint is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
     eval_every = train_cfg.eval_interval or iterations_per_epoch
     guard = FiniteLossGuard(work_dir, deferred=train_cfg.fast_path)
     model.train()
@@ -212,12 +238,13 @@ def train(
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
                 objective.set_progress(iteration, total_iterations)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     losses = step_module(images, labels)
                 guard.check(losses, iteration + 1)
                 optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                optimizer.step()
+                scaler.scale(losses["total"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 iteration += 1
                 log_now = iteration % train_cfg.log_interval == 0

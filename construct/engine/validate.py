@@ -1,38 +1,56 @@
-"""Fast validation during training: CAM → mask without TTA or CRF, mIoU and classification accuracy."""
+"""Validation during training: mIoU and classification accuracy. The fast path maps CAMs to masks
+without TTA or CRF; ``train.validation: full`` runs the whole inference pipeline instead."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from construct.classes import ClassSet
 from construct.config import Config
 from construct.inference.postprocess import cam_probabilities, presence_from_logits, select_presence
+from construct.inference.predictor import Predictor
 from construct.metrics import ConfusionMatrix
 from construct.models.construct import ConStructModel
 
 
 @torch.no_grad()
 def validate(model: ConStructModel, loader: DataLoader, config: Config, device: torch.device) -> dict[str, Any]:
-    """mIoU (fast path) and per-class presence accuracy on an evaluation split."""
+    """mIoU (``train.validation``: fast path or full pipeline) and per-class presence accuracy on an evaluation split."""
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(ClassSet.from_config(config).all_names, device=device)
     correct = total = 0
     inference = config.inference
+    predictor = None
+    if config.train.validation == "full":
+        # The training CONCH keeps the fast path train.fast_path gave it (inference.fast_path does not apply).
+        own = dataclasses.replace(config, inference=dataclasses.replace(inference, fast_path=False))
+        predictor = Predictor(model, own, device, tta=True, crf=inference.crf.enabled)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
         truth = batch["presence"].to(device)
-        out = model(images)
-        predicted = presence_from_logits(out.logits, inference.presence_gate)
-        presence = select_presence(inference.presence, out.logits, inference.presence_gate, truth)
-        probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power)
-        confusion.update(probs.argmax(dim=1), masks)
-        correct += int((predicted == truth).sum())
+        if predictor is None:
+            out = model(images)
+            logits = out.logits
+            presence = select_presence(inference.presence, logits, inference.presence_gate, truth)
+            probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power,
+                                      align_corners=inference.upsample_align_corners)
+            predicted_masks = probs.argmax(dim=1)
+        else:
+            cams, logits = predictor.network(images)
+            predictions = predictor.postprocess(images, cams, logits, inference.presence, truth)
+            predicted_masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long().to(device)
+        confusion.update(predicted_masks, masks)
+        correct += int((presence_from_logits(logits, inference.presence_gate) == truth).sum())
         total += truth.numel()
+    if predictor is not None:
+        predictor.close()
     model.train(was_training)
     metrics = confusion.compute(config.evaluation.background)
     return {"miou": metrics.miou, "mdice": metrics.mdice, "cls_accuracy": 100.0 * correct / max(total, 1)}

@@ -36,13 +36,17 @@ def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
 
 
 def cam_probabilities(cams: torch.Tensor, presence: torch.Tensor, size: tuple[int, int],
-                      background_power: float) -> torch.Tensor:
+                      background_power: float, normalized: bool = False,
+                      align_corners: bool = False) -> torch.Tensor:
     """Normalised, presence-gated CAMs upsampled to ``size`` plus a background channel.
 
-    Returns B×(C+1)×H×W; the last channel is (1 − max_c CAM_c) ** background_power.
+    ``normalized``: the CAMs are already in [0, 1] (each TTA pass was scaled, ``inference.cam_normalization:
+    per_pass``) and are not rescaled. Returns B×(C+1)×H×W; the last channel is
+    (1 − max_c CAM_c) ** background_power.
     """
-    gated = normalize_cams(cams) * presence.float()[:, :, None, None]
-    gated = F.interpolate(gated, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    scaled = cams.float() if normalized else normalize_cams(cams)
+    gated = scaled * presence.float()[:, :, None, None]
+    gated = F.interpolate(gated, size=size, mode="bilinear", align_corners=align_corners).clamp(0.0, 1.0)
     background = (1.0 - gated.amax(dim=1, keepdim=True)) ** background_power
     return torch.cat([gated, background], dim=1)
 

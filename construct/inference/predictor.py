@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from construct.classes import ClassSet
-from construct.config import Config
+from construct.config import Config, InferenceConfig
 from construct.inference.crf import CrfPool
 from construct.inference.postprocess import apply_background_prior, cam_probabilities, select_presence
 from construct.inference.tiling import tiled_forward, window_stride
@@ -39,9 +39,25 @@ class Prediction:
         return self.probs[:-1]
 
 
+def inference_autocast(device: torch.device, inference: InferenceConfig) -> bool:
+    """Whether inference runs under bf16 autocast: on CUDA unless ``inference.mixed_precision`` is off."""
+    return device.type == "cuda" and inference.mixed_precision
+
+
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
     """B×3×H×W [0, 1] tensor → H×W×3 uint8 arrays (what the CRF's bilateral kernel compares)."""
     pixels = (images.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).numpy())
+
+
+def denormalized_uint8_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
+    """The released code's CRF image: the uint8 tile normalised as its loader does ((v − 255·mean) ·
+    1/(255·std), float32), de-normalised, scaled by 255 and truncated (not rounded) to uint8."""
+    values = (images.detach().float().cpu() * 255.0).round_()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    normalised = (values - mean_t * 255.0) * (1.0 / (std_t * 255.0))
+    pixels = ((normalised * std_t + mean_t) * 255.0).clamp_(0, 255).to(torch.uint8)
     return list(pixels.permute(0, 2, 3, 1).numpy())
 
 
@@ -66,7 +82,7 @@ class Predictor:
         self.inference = config.inference
         self.classes = ClassSet.from_config(config)
         self.background_prior = config.data.background_prior
-        self.tta = TtaSettings.from_config(self.inference) if tta else TtaSettings("off")
+        self.tta = TtaSettings.from_config(self.inference, enabled=tta)
         self.crf = CrfPool(self.inference.crf, workers) if crf else None
 
     @property
@@ -81,7 +97,8 @@ class Predictor:
         """Raw CAMs (B×C×h×w: the CAM grid for tile-sized images, pixels for tiled ones) and logits (B×C)."""
         images = images.to(self.device, non_blocking=True)
         tile = self.config.model.image_size
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                            enabled=inference_autocast(self.device, self.inference)):
             if tuple(images.shape[-2:]) == (tile, tile):
                 return self._forward(images)
             outputs = [
@@ -97,13 +114,17 @@ class Predictor:
         """Gate, normalise and upsample :meth:`network` output, add background, refine with the CRF, argmax,
         then the dataset's background prior (if any)."""
         presence = select_presence(protocol, logits, self.inference.presence_gate, presence_gt)
-        probs = cam_probabilities(cams, presence, tuple(images.shape[-2:]), self.inference.background_power)
+        probs = cam_probabilities(cams, presence, tuple(images.shape[-2:]), self.inference.background_power,
+                                  normalized=self.tta.normalize_each,
+                                  align_corners=self.inference.upsample_align_corners)
         probs_np = list(probs.cpu().numpy())
         pixels = to_uint8_images(images) if self.crf is not None or self.background_prior is not None else []
         if self.crf is None:
             masks = [p.argmax(axis=0).astype(np.uint8) for p in probs_np]
         else:
-            masks = self.crf(pixels, probs_np)
+            unary = probs.softmax(dim=1) if self.inference.crf_softmax else probs
+            crf_pixels = pixels if self.inference.crf_image == "exact" else self.crf_images(images)
+            masks = self.crf(crf_pixels, list(unary.cpu().numpy()))
         if self.background_prior is not None:
             prior = self.background_prior
             masks = [apply_background_prior(m, px, prior.grey_threshold, prior.min_size, self.classes.background)
@@ -112,6 +133,13 @@ class Predictor:
         presence_np = presence.cpu().numpy()
         return [Prediction(mask=m, probs=p, presence=pr, scores=s, protocol=protocol)
                 for m, p, pr, s in zip(masks, probs_np, presence_np, scores)]
+
+    def crf_images(self, images: torch.Tensor) -> list[np.ndarray]:
+        """The uint8 pixels the CRF compares (``inference.crf_image``)."""
+        if self.inference.crf_image == "denormalized":
+            conch = self.config.model.conch
+            return denormalized_uint8_images(images, conch.dataset_mean, conch.dataset_std)
+        return to_uint8_images(images)
 
     def predict_batch(self, images: torch.Tensor, presence_gt: torch.Tensor | None = None,
                       protocol: str | None = None, names: Sequence[str] | None = None) -> list[Prediction]:

@@ -158,7 +158,8 @@ class StreamingPredictor:
     def predict_tiles(self, positions: list[tuple[int, int]], canvas: CamCanvas) -> None:
         """Network → per-tile normalised, gated CAMs on the tile's cells → summed into the canvas."""
         cams, logits = self.predictor.network(self.read_tiles(positions))
-        gated = normalize_cams(cams) * presence_from_logits(logits, self.presence_gate)[:, :, None, None]
+        scaled = cams.float() if self.predictor.tta.normalize_each else normalize_cams(cams)
+        gated = scaled * presence_from_logits(logits, self.presence_gate)[:, :, None, None]
         cells = self.settings.tile // canvas.cell
         gated = F.interpolate(gated, size=(cells, cells), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
         for (x, y), tile_cells in zip(positions, gated.float().cpu()):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from construct.config import InferenceConfig
 from construct.errors import ConfigError
+from construct.inference.postprocess import normalize_cams
 from construct.models.conch import PATCH_SIZE
 from construct.models.construct import ConStructModel
 
@@ -31,20 +32,26 @@ def _flips(flip: bool) -> tuple[bool, ...]:
     return (False, True) if flip else (False,)
 
 
+def _pass_cams(cams: torch.Tensor, mirrored: bool, normalize_each: bool) -> torch.Tensor:
+    cams = normalize_cams(cams) if normalize_each else cams.float()
+    return cams.flip(-1) if mirrored else cams
+
+
 def intensity_tta(model: ConStructModel, images: torch.Tensor, factors: Sequence[float],
-                  flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  flip: bool, normalize_each: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CAMs over flips × intensity factors (B×C×h×w) and the logits of the plain pass (B×C).
 
     Each pass multiplies CONCH's normalised input by a factor, at the input's size; mirrored passes
     are mirrored back before averaging. As in the authors' code, the image-level logits come from
     one plain pass, not from the augmented ones. When 1.0 is a factor, the unflipped ×1.0 pass *is*
     that plain pass (the same input, bit for bit), so its logits are taken instead of running it twice.
+    ``normalize_each``: every pass's CAMs are ReLU'd and min-max scaled before averaging (the released code).
     """
     cams_sum = plain_logits = None
     for factor in factors:
         for mirrored in _flips(flip):
             out = model(images.flip(-1) if mirrored else images, intensity=factor)
-            cams = out.cams.float().flip(-1) if mirrored else out.cams.float()
+            cams = _pass_cams(out.cams, mirrored, normalize_each)
             cams_sum = cams if cams_sum is None else cams_sum + cams
             if factor == 1.0 and not mirrored:
                 plain_logits = out.logits.float()
@@ -54,7 +61,7 @@ def intensity_tta(model: ConStructModel, images: torch.Tensor, factors: Sequence
 
 
 def resize_tta(model: ConStructModel, images: torch.Tensor, scales: Sequence[float],
-               flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               flip: bool, normalize_each: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CAMs (B×C×h×w, on the CAM grid of the unscaled input) and mean logits (B×C) over flips × scales.
 
     Each pass resizes the input bilinearly (scale ≠ 1), optionally mirrors it, and its CAMs are
@@ -71,7 +78,7 @@ def resize_tta(model: ConStructModel, images: torch.Tensor, scales: Sequence[flo
         scaled = images if scale == 1.0 else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for mirrored in _flips(flip):
             out = model(scaled.flip(-1) if mirrored else scaled)
-            cams = out.cams.float().flip(-1) if mirrored else out.cams.float()
+            cams = _pass_cams(out.cams, mirrored, normalize_each)
             if cams_sum is None:
                 cams_sum, logits_sum = cams, out.logits.float()
             else:
@@ -84,15 +91,24 @@ def resize_tta(model: ConStructModel, images: torch.Tensor, scales: Sequence[flo
 
 @dataclass(frozen=True)
 class TtaSettings:
-    """The augmentation a predictor runs on each tile; ``mode='off'`` is one plain pass."""
+    """The augmentation a predictor runs on each tile; ``mode='off'`` is one plain pass.
+
+    ``normalize_each``: each pass's CAMs are scaled to [0, 1] before averaging, and what
+    :meth:`forward` returns is already in [0, 1] (``inference.cam_normalization: per_pass``).
+    """
 
     mode: TtaMode
     factors: tuple[float, ...] = (1.0,)
     flip: bool = False
+    normalize_each: bool = False
 
     @classmethod
-    def from_config(cls, inference: InferenceConfig) -> TtaSettings:
-        return cls(inference.tta, tuple(inference.tta_factors), inference.tta_flip)
+    def from_config(cls, inference: InferenceConfig, enabled: bool = True) -> TtaSettings:
+        """``inference``'s augmentation, or one plain pass when not ``enabled`` (same CAM scaling)."""
+        per_pass = inference.cam_normalization == "per_pass"
+        if not enabled:
+            return cls("off", normalize_each=per_pass)
+        return cls(inference.tta, tuple(inference.tta_factors), inference.tta_flip, per_pass)
 
     @property
     def forward_passes(self) -> int:
@@ -116,8 +132,8 @@ class TtaSettings:
     def forward(self, model: ConStructModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CAMs (B×C×h×w, the CAM grid of ``images``) and logits (B×C), as float32."""
         if self.mode == "intensity":
-            return intensity_tta(model, images, self.factors, self.flip)
+            return intensity_tta(model, images, self.factors, self.flip, self.normalize_each)
         if self.mode == "resize":
-            return resize_tta(model, images, self.factors, self.flip)
+            return resize_tta(model, images, self.factors, self.flip, self.normalize_each)
         out = model(images)
-        return out.cams.float(), out.logits.float()
+        return _pass_cams(out.cams, False, self.normalize_each), out.logits.float()

@@ -75,7 +75,7 @@ def info_nce(query: torch.Tensor, positives: torch.Tensor, negatives: torch.Tens
 
 
 SimViews = Literal["tokens", "image"]
-SimGradient = Literal["encoder", "prototypes"]
+SimGradient = Literal["encoder", "prototypes", "none"]
 
 
 class FgBgContrastiveLoss(nn.Module):
@@ -99,6 +99,8 @@ class FgBgContrastiveLoss(nn.Module):
       second trunk pass); the gradient reaches the CAM through the pooling weights.
     - ``gradient="prototypes"``: the views are embedded without a graph, so only the prototypes
       learn from L_sim.
+    - ``gradient="none"`` (the released code): the whole term is computed without a graph; it is
+      a constant in the loss, so training is that of weight 0 (the bank is still filled).
     - ``max_pairs`` > 0 caps the pairs per step, drawn uniformly (the mean over the drawn pairs
       is an unbiased estimate of the mean over all).
     """
@@ -197,6 +199,13 @@ class FgBgContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """``prototypes``: (C·K)×D normalised, class-major; ``images`` in [0, 1]; ``tokens``: the
         forward pass's final trunk tokens (token views only)."""
+        if self.gradient == "none":
+            with torch.no_grad():
+                return self._loss(images, cams, labels, prototypes, per_class, encoder, tokens)
+        return self._loss(images, cams, labels, prototypes, per_class, encoder, tokens)
+
+    def _loss(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+              per_class: int, encoder: ConchModel, tokens: torch.Tensor | None) -> torch.Tensor:
         fg_emb, bg_emb, class_idx, non_empty = self.embed(images, cams, labels, encoder, tokens)
         fg_ok, bg_ok = non_empty
         if not non_empty.any():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -13,15 +15,15 @@ class ResidualAdapter(nn.Module):
     from CONCH's own features.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: Literal["reflect", "zeros"] = "reflect") -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 1),
             nn.BatchNorm2d(channels),
             nn.GELU(),
-            # Reflect padding: zero padding lets learned, asymmetric kernels mark the tile border,
-            # which shows up as CAM activation along the edges.
-            nn.Conv2d(channels, channels, 3, padding=1, groups=channels, padding_mode="reflect"),
+            # Reflect padding by default: zero padding (the released code's) lets learned, asymmetric
+            # kernels mark the tile border, which shows up as CAM activation along the edges.
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels, padding_mode=padding),
             nn.BatchNorm2d(channels),
             nn.GELU(),
             nn.Conv2d(channels, channels, 1),

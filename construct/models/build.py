@@ -39,7 +39,13 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> ConStruct
             prototypes_per_class=model_cfg.prototypes_per_class,
             projector_ratio=model_cfg.projector_ratio,
             cam_scale_init=model_cfg.cam_scale_init,
+            extra_levels=[pair[0] for pair in model_cfg.distill_pairs],
+            adapter_padding=model_cfg.adapter_padding,
+            projector_input=model_cfg.projector_input,
+            projector_init=model_cfg.projector_init,
         )
+        if model_cfg.conch.normalization == "dataset":
+            conch.set_feature_normalization(model_cfg.conch.dataset_mean, model_cfg.conch.dataset_std)
     return model.to(device)
 
 
@@ -47,7 +53,8 @@ def build_teacher(config: Config, device: torch.device | str = "cpu") -> MiTTeac
     """The frozen MiT teacher (only needed when the structural loss is on)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed + 1)
-        teacher = load_mit_teacher(config.model.teacher.checkpoint, preset=config.model.teacher.preset)
+        teacher = load_mit_teacher(config.model.teacher.checkpoint, preset=config.model.teacher.preset,
+                                   stochastic_depth=config.model.teacher.mode == "train")
     return teacher.to(device)
 
 

@@ -97,7 +97,8 @@ class _VisualTower(nn.Module):
 class ConchModel(nn.Module):
     """Frozen CONCH image/text encoders; always in eval mode, no parameter requires grad.
 
-    Images are [0, 1] RGB; CLIP normalisation happens inside.
+    Images are [0, 1] RGB; normalisation happens inside: CLIP's, unless
+    :meth:`set_feature_normalization` gives the feature pass (block features, trunk tokens) others.
     """
 
     def __init__(
@@ -136,6 +137,9 @@ class ConchModel(nn.Module):
         """Set by :func:`~construct.models.graphs.enable_fast_path`: trunk passes on CUDA replay graphs."""
         self.register_buffer("pixel_mean", torch.empty(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("feature_mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("feature_std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.feature_stats: tuple[Sequence[float], Sequence[float]] = (CLIP_MEAN, CLIP_STD)
         self._set_buffers()
         self.requires_grad_(False)
         self.train(False)
@@ -144,19 +148,31 @@ class ConchModel(nn.Module):
         """Fill the non-persistent buffers, which no checkpoint carries."""
         self.pixel_mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         self.pixel_std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        self.feature_mean = torch.tensor(self.feature_stats[0], dtype=torch.float32).view(1, 3, 1, 1)
+        self.feature_std = torch.tensor(self.feature_stats[1], dtype=torch.float32).view(1, 3, 1, 1)
         self.text.attn_mask = self.text.build_causal_mask()
 
     def train(self, mode: bool = True) -> ConchModel:
         # A frozen feature extractor: whatever a parent module asks, stay in eval mode.
         return super().train(False)
 
-    def _normalise(self, images: Tensor) -> Tensor:
+    def set_feature_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise the feature pass with ``mean``/``std`` instead of CLIP's (the released code feeds
+        CONCH dataset-normalised pixels); :meth:`encode_image` keeps CLIP's."""
+        self.feature_stats = (tuple(mean), tuple(std))
+        device = self.pixel_mean.device
+        self._set_buffers()
+        self.to(device)
+
+    def _normalise(self, images: Tensor, features: bool = False) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"CONCH expects B×3×H×W images, got shape {tuple(images.shape)}")
         if images.shape[2] % PATCH_SIZE or images.shape[3] % PATCH_SIZE:
             raise ValueError(
                 f"CONCH image height and width must be multiples of {PATCH_SIZE}, got {tuple(images.shape[2:])}"
             )
+        if features:
+            return (images - self.feature_mean) / self.feature_std
         return (images - self.pixel_mean) / self.pixel_std
 
     def encode_image(self, images: Tensor) -> Tensor:
@@ -200,7 +216,7 @@ class ConchModel(nn.Module):
 
     def _trunk_pass(self, images: Tensor, blocks: Sequence[int], wanted: list[int], intensity: float,
                     final_tokens: bool) -> tuple[list[Tensor], Tensor | None]:
-        normalised = self._normalise(images)
+        normalised = self._normalise(images, features=True)
         out = self.visual.trunk.forward_intermediates(
             normalised if intensity == 1.0 else normalised * intensity,
             indices=wanted,

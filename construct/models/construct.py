@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ class ConStructModel(nn.Module):
 
     Only the pyramid levels that feed CAMs are computed and own an adapter. The structural loss
     is applied to those same refined features, so distillation shapes the CAMs (method.md §9.1).
+    ``extra_levels`` adds adapters on levels that feed no CAM (the released code distils one:
+    ``model.allow_unused_distill_levels``).
     """
 
     def __init__(
@@ -56,6 +59,10 @@ class ConStructModel(nn.Module):
         prototypes_per_class: int,
         projector_ratio: float,
         cam_scale_init: float,
+        extra_levels: Sequence[int] = (),
+        adapter_padding: str = "reflect",
+        projector_input: str = "normalized",
+        projector_init: str = "default",
     ) -> None:
         super().__init__()
         self.conch = conch
@@ -64,9 +71,11 @@ class ConStructModel(nn.Module):
         self.cam_levels = list(cam_levels)
         self.cam_level_weights = list(cam_level_weights)
         width = conch.trunk_width
-        self.adapters = nn.ModuleDict({str(level): ResidualAdapter(width) for level in sorted(set(cam_levels))})
+        levels = sorted(set(cam_levels) | set(extra_levels))
+        self.adapters = nn.ModuleDict({str(level): ResidualAdapter(width, adapter_padding) for level in levels})
         self.prototypes = PrototypeBank(text_embeddings, prototypes_per_class)
-        self.adaptive_layer = AdaptiveLayer(self.prototypes.dim, width, projector_ratio)
+        self.projector_input = projector_input
+        self.adaptive_layer = AdaptiveLayer(self.prototypes.dim, width, projector_ratio, projector_init)
         self.cam_scale = nn.Parameter(torch.tensor(float(cam_scale_init)))
 
     @property
@@ -118,7 +127,7 @@ class ConStructModel(nn.Module):
         ``with_tokens`` also returns CONCH's final trunk tokens."""
         grids, tokens = self.pyramid(images, intensity, with_tokens)
         refined = {level: self.adapters[str(level)](grid) for level, grid in grids.items()}
-        projected = self.adaptive_layer(self.prototypes())
+        projected = self.adaptive_layer(self.prototypes.prototypes if self.projector_input == "raw" else self.prototypes())
         level_cams = [self.level_cam(refined[level], projected) for level in self.cam_levels]
         level_logits = [cam.mean(dim=(2, 3)) for cam in level_cams]
         total = sum(self.cam_level_weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,8 +37,16 @@ class PrototypeBank(nn.Module):
 
 
 class AdaptiveLayer(nn.Sequential):
-    """Two-layer MLP (512 → ratio·512 → visual width, ReLU) shared by all prototypes."""
+    """Two-layer MLP (512 → ratio·512 → visual width, ReLU) shared by all prototypes.
 
-    def __init__(self, in_dim: int, out_dim: int, ratio: float) -> None:
+    ``init="trunc_normal"`` draws the weights from a truncated normal (std 0.02) with zero biases,
+    as the released code does; ``"default"`` keeps PyTorch's Linear initialisation.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, ratio: float, init: Literal["default", "trunc_normal"] = "default") -> None:
         hidden = max(1, round(in_dim * ratio))
         super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        if init == "trunc_normal":
+            for layer in (self[0], self[2]):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)

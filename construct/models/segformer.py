@@ -60,10 +60,16 @@ def mit_config(preset: str = "mit_b1") -> SegformerConfig:
 
 
 class MiTTeacher(nn.Module):
-    """Frozen MiT encoder: [0,1] RGB images -> the 4 stage feature maps (strides 4, 8, 16, 32)."""
+    """Frozen MiT encoder: [0,1] RGB images -> the 4 stage feature maps (strides 4, 8, 16, 32).
 
-    def __init__(self, config: SegformerConfig) -> None:
+    Always in eval mode, unless ``stochastic_depth``: then it follows ``train()``/``eval()`` like any
+    module and starts in train mode, so its drop-path (config.drop_path_rate) is active in training,
+    as in the released code (``model.teacher.mode: train``).
+    """
+
+    def __init__(self, config: SegformerConfig, stochastic_depth: bool = False) -> None:
         super().__init__()
+        self.stochastic_depth = stochastic_depth
         self.segformer = SegformerModel(config)
         self.stage_channels: tuple[int, ...] = tuple(config.hidden_sizes)
         # Non-persistent: they follow .to(device) but keep state_dict() in the HF "segformer." layout.
@@ -72,11 +78,11 @@ class MiTTeacher(nn.Module):
         self.graphs: FrozenGraphs | None = None
         """Set by :func:`~construct.models.graphs.enable_fast_path`: passes on CUDA replay graphs."""
         self.requires_grad_(False)
-        self.train(False)
+        self.train(stochastic_depth)
 
     def train(self, mode: bool = True) -> MiTTeacher:
-        """Ignore ``mode``: stochastic depth must stay off, so the teacher is always in eval mode."""
-        return super().train(False)
+        """Without ``stochastic_depth``, ignore ``mode``: the teacher stays deterministic (eval mode)."""
+        return super().train(mode and self.stochastic_depth)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
@@ -93,15 +99,17 @@ class MiTTeacher(nn.Module):
         return list(out.hidden_states)
 
 
-def load_mit_teacher(checkpoint: str | os.PathLike[str] | None, preset: str = "mit_b1") -> MiTTeacher:
-    """Build the frozen teacher; ``checkpoint=None`` keeps random weights.
+def load_mit_teacher(checkpoint: str | os.PathLike[str] | None, preset: str = "mit_b1",
+                     stochastic_depth: bool = False) -> MiTTeacher:
+    """Build the frozen teacher; ``checkpoint=None`` keeps random weights; ``stochastic_depth``: see
+    :class:`MiTTeacher`.
 
     ``checkpoint`` is a Hugging Face folder, an NVlabs ``.pth`` state dict, an mmseg checkpoint
     (``state_dict`` with ``backbone.`` keys) or a transformers-layout weight file. Loading is strict.
     """
     config = mit_config(preset)
     if checkpoint is None:
-        return MiTTeacher(config)
+        return MiTTeacher(config, stochastic_depth)
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"MiT teacher checkpoint {path} does not exist: {_WEIGHTS_HINT}")
@@ -110,7 +118,7 @@ def load_mit_teacher(checkpoint: str | os.PathLike[str] | None, preset: str = "m
         state = _read_hf_weights(path)
     else:
         state = _read_file(path)
-    teacher = MiTTeacher(config)
+    teacher = MiTTeacher(config, stochastic_depth)
     encoder = teacher.segformer
     if _is_hf_layout(state):
         state = {k.removeprefix("segformer."): v for k, v in state.items()
