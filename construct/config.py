@@ -41,7 +41,12 @@ class SyntheticConfig:
     seed: int = 0
     """Generator seed: the same seed gives the same dataset."""
     style: Literal["default", "variant"] = "default"
-    """Colours and structure sizes: 'variant' is another stain at 1.3x magnification."""
+    """Colours and structure sizes: 'default' is the painter's own palette, 'variant' another stain
+    at 1.3x magnification."""
+    painter: Literal["classic", "noise", "glands"] = "classic"
+    """How tissue is drawn (construct/data/painters.py): 'classic' (the testbed's first painter), or
+    'noise' / 'glands', which draw the same classes with other shapes, layouts and colours; a
+    dataset by a painter the towers were not pretrained on measures transfer."""
     textures: list[int] | None = None
     """Generator texture of each class (0 tumour, 1 stroma, 2 lymphocytes, 3 necrosis); null = 0, 1, 2, ...
     in class order."""
@@ -229,6 +234,10 @@ class LossConfig:
     sim_checkpoint_chunk: int = 0
     """Image views with gradient: encode in chunks of this many views under activation
     checkpointing, holding one chunk's activations at a time (0 = all at once, all kept)."""
+    sim_warmup: float = 0.0
+    """Share of the training iterations (0 <= x < 1) during which L_sim is off and not computed;
+    from then on it counts at full weight lambda_sim (0 = on from the start, as in the paper).
+    Early CAMs are noise, so their FG/BG views teach nothing yet (docs/ablation.md)."""
 
 
 @dataclass
@@ -618,6 +627,8 @@ def validate(config: Config, source: str) -> None:
         fail("model.conch.dataset_std", f"must all be positive, got {conch.dataset_std}")
     if config.loss.sim_max_pairs < 0:
         fail("loss.sim_max_pairs", "must be >= 0 (0 = all pairs)")
+    if not 0.0 <= config.loss.sim_warmup < 1.0:
+        fail("loss.sim_warmup", f"must lie in [0, 1) (a share of the iterations), got {config.loss.sim_warmup}")
     if config.loss.sim_checkpoint_chunk < 0:
         fail("loss.sim_checkpoint_chunk", "must be >= 0 (0 = no activation checkpointing)")
     if config.loss.sim_views == "tokens":

@@ -1,5 +1,6 @@
 """The testbed: pretrained tiny towers in the real files' layout, deterministic, cached, and better
-than random towers at what L_sim assumes; the generator's second style."""
+than random towers at what L_sim assumes, also on tissue by a painter they never saw; the
+generator's second style and its painters."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from support import BCSS
 
-from construct.data.synthetic import STYLES, generate_dataset, make_tile
-from construct.errors import ConfigError
+from construct.data.synthetic import PAINTERS, STYLES, generate_dataset, make_tile, paint
+from construct.errors import ConfigError, DataError
 from construct.models.conch import load_conch
 from construct.models.segformer import load_mit_teacher
 from construct.tools.testbed.premises import pure_tiles, zero_shot_accuracy
@@ -49,15 +50,40 @@ def test_pretraining_is_deterministic_for_a_seed():
     assert not torch.equal(first["visual.proj_contrast"], other["visual.proj_contrast"])
 
 
-def test_a_briefly_pretrained_conch_beats_a_random_one_at_zero_shot():
-    budget = Budget(conch_steps=30, conch_batch=24, conch_size=64, pure_per_class=6, mixed_tiles=6)
+def test_a_conch_pretrained_on_two_painters_beats_a_random_one_at_zero_shot_on_a_third():
+    budget = Budget(conch_steps=60, conch_batch=24, conch_size=64, pure_per_class=12, mixed_tiles=12,
+                    painters="classic,noise")
     pretrained = pretrain_conch(0, budget, BCSS.prompts, log=lambda _: None)
     torch.manual_seed(0)
     random_tower = load_conch(None, preset="tiny")
-    tiles = pure_tiles(seed=0, per_class=6, size=96)
+    tiles = pure_tiles(seed=0, eval_set="glands", per_class=6, size=96)  # a painter pretraining never saw
     trained_accuracy = zero_shot_accuracy(pretrained, BCSS.prompts, tiles)
     random_accuracy = zero_shot_accuracy(random_tower, BCSS.prompts, tiles)
-    assert trained_accuracy >= 0.6 and trained_accuracy > random_accuracy + 0.25, (trained_accuracy, random_accuracy)
+    assert trained_accuracy >= 0.45 and trained_accuracy > random_accuracy + 0.2, (trained_accuracy, random_accuracy)
+
+
+def test_painters_draw_the_same_classes_differently_and_are_recorded(tmp_path):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 2
+    images = {name: paint(np.random.default_rng(0), mask, painter=name) for name in PAINTERS}
+    assert set(images) >= {"classic", "noise", "glands"}
+    for name, image in images.items():
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8, name
+        assert np.array_equal(image, paint(np.random.default_rng(0), mask, painter=name)), name
+    for a in images:
+        for b in images:
+            if a < b:
+                assert np.abs(images[a].astype(int) - images[b].astype(int)).mean() > 10, (a, b)
+    for name in PAINTERS:
+        image, drawn = make_tile(np.random.default_rng(1), 96, painter=name)
+        tissue = np.isin(drawn, range(4)).mean()
+        assert image.shape == (96, 96, 3) and tissue >= 0.25 and drawn.max() <= 4, name
+    generate_dataset(tmp_path / "glands", 1, 1, 1, seed=0, classes=BCSS, size=32, painter="glands")
+    assert '"painter": "glands"' in (tmp_path / "glands" / "synthetic.json").read_text()
+    with pytest.raises(DataError, match="unknown synthetic painter"):
+        generate_dataset(tmp_path / "other", 1, 1, 1, seed=0, classes=BCSS, size=32, painter="watercolour")
+    with pytest.raises(ConfigError, match="painters"):
+        Budget(painters="classic,watercolour").painter_names()
 
 
 def test_variant_style_differs_and_default_manifests_stay_valid(tmp_path):

@@ -19,6 +19,7 @@ from construct.config import load_config
 from construct.data.synthetic import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
+from construct.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_random.yaml"
@@ -60,6 +61,16 @@ def test_training_writes_run_folder(data_root, tmp_path, capsys):
     assert best["best"]["iteration"] in (3, 6)
     out = capsys.readouterr().out
     assert "trainable" in out and "adapters" in out
+
+
+def test_sim_warmup_keeps_sim_off_for_its_share_of_the_iterations(data_root, tmp_path):
+    train(small_config(data_root, tmp_path / "run", "loss.sim_warmup=0.5"), CPU)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    with_sim = {r["iteration"]: "sim" in r for r in records if r["kind"] == "train"}
+    assert with_sim == {1: False, 2: False, 3: False, 4: True, 5: True, 6: True}
+    assert all(r["sim"] > 0 for r in records if r["kind"] == "train" and "sim" in r)
+    with pytest.raises(ConfigError, match="loss.sim_warmup"):
+        small_config(data_root, tmp_path / "bad", "loss.sim_warmup=1.0")
 
 
 def test_resumed_run_ends_with_the_same_weights(data_root, tmp_path, monkeypatch):

@@ -1,5 +1,8 @@
 """Synthetic tile datasets for demos and tests (no real slides needed), in the layout of a dataset preset.
 
+The ``classic`` painter is described here; construct.data.painters holds others that draw the
+same textures another way (``--painter``), for testing transfer to tissue a model never saw.
+
 Each tile hides a texture mask made of 1–4 tissue regions (warped Voronoi cells, so regions are
 large with wavy borders) and sometimes a background region. Every class has its own H&E-like
 colour and texture, distinct at the scale of a 16-px ViT patch:
@@ -36,14 +39,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from construct.classes import ClassSet
 from construct.data.io import write_image, write_mask
+from construct.data.painters import PAINTERS as EXTRA_PAINTERS
+from construct.data.synthetic_fields import GLASS, STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
 from construct.errors import ConStructError, DataError
 
 MANIFEST = "synthetic.json"
@@ -52,140 +55,17 @@ _SPLITS = ("train", "val", "test")
 _SLIDE_GRID = 8  # 8×8 tiles per fake slide, only for plausible file names
 _TILES_PER_SLIDE = _SLIDE_GRID**2
 TEXTURE_NAMES = ("tumour", "stroma", "lymphocytes", "necrosis")
-"""The generator's tissue textures, by texture index; index 4 is glass (background)."""
-GLASS = len(TEXTURE_NAMES)
-"""Texture index of glass (background) in the generator's texture masks."""
+"""The generator's tissue textures, by texture index; index 4 (GLASS) is glass (background)."""
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATASET = REPO / "configs" / "datasets" / "bcss_wsss.yaml"
 
-@dataclass(frozen=True)
-class Style:
-    """Colours (RGB, 0-255) of every class's ground and nuclei/fibres, and a size factor for its
-    nuclei, cells and fibres: one "lab" of the generator. ``variant`` is a second lab with another
-    stain and magnification, used to check that a recipe is not tuned to the default look."""
-
-    back: tuple[float, float, float] = (243, 241, 245)
-    tum_cyto: tuple[float, float, float] = (216, 158, 212)
-    tum_nuc: tuple[float, float, float] = (98, 52, 150)
-    str_base: tuple[float, float, float] = (242, 190, 212)
-    str_fibre: tuple[float, float, float] = (214, 92, 152)
-    lym_base: tuple[float, float, float] = (200, 158, 208)
-    lym_nuc: tuple[float, float, float] = (50, 30, 108)
-    nec_base: tuple[float, float, float] = (234, 204, 224)
-    nec_debris: tuple[float, float, float] = (130, 64, 148)
-    nec_ghost: tuple[float, float, float] = (214, 172, 202)
-    nuc_spindle: tuple[float, float, float] = (110, 60, 150)
-    scale: float = 1.0
-
-    def colour(self, name: str) -> np.ndarray:
-        return np.asarray(getattr(self, name), np.float32)
-
-
-STYLES: dict[str, Style] = {
-    "default": Style(),
-    # A browner eosin, a bluer haematoxylin and 1.3x larger structures (a higher magnification).
-    "variant": Style(
-        back=(236, 238, 232), tum_cyto=(222, 176, 170), tum_nuc=(60, 60, 128), str_base=(240, 206, 190),
-        str_fibre=(204, 112, 110), lym_base=(214, 184, 190), lym_nuc=(36, 40, 96), nec_base=(238, 220, 206),
-        nec_debris=(92, 80, 140), nec_ghost=(222, 194, 186), nuc_spindle=(80, 72, 140), scale=1.3,
-    ),
-}
-
-
-@lru_cache(maxsize=16)
-def _gaussian_transfer(size: int, sigma: float) -> np.ndarray:
-    """rfft2 transfer function of a Gaussian blur (std ``sigma`` px) that keeps white noise at
-    unit variance and removes its mean."""
-    fy = np.fft.fftfreq(size)[:, None]
-    full = np.exp(-2.0 * (np.pi * sigma) ** 2 * (fy**2 + np.fft.fftfreq(size)[None, :] ** 2))
-    full[0, 0] = 0.0
-    half = full[:, : size // 2 + 1] / np.sqrt(np.mean(full**2))
-    return half.astype(np.float32)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """A size×size zero-mean Gaussian random field of unit variance, correlation length ~sigma."""
-    # A field this smooth has no detail below ~sigma, so it is drawn on a grid up to 16× coarser
-    # (keeping >= 2 coarse pixels per sigma) and upsampled: the same look at a fraction of the cost.
-    factor = 1
-    while factor < 16 and factor * 2 <= sigma / 2:
-        factor *= 2
-    m = -(-size // factor)
-    white = rng.standard_normal((m, m), dtype=np.float32)
-    field = np.fft.irfft2(np.fft.rfft2(white) * _gaussian_transfer(m, sigma / factor), s=(m, m))
-    if factor > 1:
-        field = np.asarray(Image.fromarray(field).resize((m * factor, m * factor), Image.Resampling.BICUBIC))
-    return field[:size, :size]
-
-
-def _nuclei_edge(
-    rng: np.random.Generator,
-    y: np.ndarray,
-    x: np.ndarray,
-    cell: float,
-    radius: tuple[float, float],
-    aspect: tuple[float, float] = (1.0, 1.0),
-    keep: float = 1.0,
-    angle: float | None = None,
-) -> np.ndarray:
-    """Signed distance (< 0 inside, in nucleus-scaled px) from pixels (y, x) to nuclei.
-
-    Nuclei are ellipses at jittered grid points, one per ``cell``×``cell`` cell, kept with
-    probability ``keep``, so they pack densely without piling up (cellular noise). ``angle``
-    fixes the long axis (spindle nuclei along fibres); otherwise it is random per nucleus.
-    Only values below ~0.5 (on or near a nucleus) are exact: each pixel checks just the 2×2
-    cells nearest to it, which is enough because centres keep a margin from their cell's
-    border that stops any nucleus reaching past the middle of the next cell.
-    """
-    reach = aspect[1] * (radius[1] + 0.5)
-    margin = max(0.0, reach - cell / 2)
-    if margin >= cell / 2:
-        raise ValueError(f"nuclei of reach {reach:.1f} px do not fit cells of {cell} px")
-    y, x = y.astype(np.float32), x.astype(np.float32)
-    n = int((max(y.max(), x.max()) + 1) // cell) + 3
-    grid = np.arange(n, dtype=np.float32) - 1.0  # cell index i covers [(i-1)·cell, i·cell)
-    cy = grid[:, None] * cell + rng.uniform(margin, cell - margin, (n, n))
-    cx = grid[None, :] * cell + rng.uniform(margin, cell - margin, (n, n))
-    rad = rng.uniform(*radius, (n, n))
-    rad[rng.random((n, n)) >= keep] = -1e6  # a dropped nucleus is never the nearest
-    asp = rng.uniform(*aspect, (n, n))
-    theta = rng.uniform(0, np.pi, (n, n)) if angle is None else angle + rng.normal(0, 0.15, (n, n))
-    cos, sin = np.cos(theta), np.sin(theta)
-    # One row per parameter, so each neighbour costs a single gather. The ellipse is the unit
-    # circle scaled by ``asp`` along the long axis: u = along / asp, v = across * asp.
-    table = np.stack([cy, cx, cos / asp, sin / asp, cos * asp, sin * asp, rad]).astype(np.float32)
-    table = table.reshape(7, n * n)
-    # Half-cell indices give both the pixel's cell (h // 2) and which side of it the pixel is
-    # on (h % 2), hence the neighbour row / column to check.
-    hy, hx = (y * (2.0 / cell)).astype(np.intp), (x * (2.0 / cell)).astype(np.intp)
-    own = ((hy >> 1) + 1) * n + (hx >> 1) + 1
-    ny, nx = ((hy & 1) * 2 - 1) * n, (hx & 1) * 2 - 1
-    best = np.full(y.shape, np.inf, np.float32)
-    for cells in (own, own + ny, own + nx, own + ny + nx):
-        p_cy, p_cx, c1, s1, c2, s2, p_rad = np.take(table, cells, axis=1)
-        oy, ox = y - p_cy, x - p_cx
-        u, v = ox * c1 + oy * s1, oy * c2 - ox * s2
-        np.minimum(best, np.sqrt(u * u + v * v) - p_rad, out=best)
-    return best
-
-
-def _cover(edge: np.ndarray) -> np.ndarray:
-    """Nucleus coverage in [0, 1] from a signed edge distance, anti-aliased over one pixel."""
-    return np.clip(0.5 - edge, 0.0, 1.0)
-
-
-def _mix(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Blend per-pixel colours: (N,3) or (3,) ``base`` towards ``top`` by (N,) ``alpha``."""
-    return base + alpha[:, None] * (top - base)
-
-
 def _tumour(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
     k = style.scale
-    mottle = _smooth_noise(rng, size, 4.0 * k)[y, x]
+    mottle = smooth_noise(rng, size, 4.0 * k)[y, x]
     cyto = style.colour("tum_cyto") * (1.0 + 0.04 * mottle[:, None])
-    nuc = _cover(_nuclei_edge(rng, y, x, cell=13.0 * k, radius=(3.8 * k, 5.8 * k), aspect=(1.0, 1.5), keep=0.85))
+    nuc = cover(nuclei_edge(rng, y, x, cell=13.0 * k, radius=(3.8 * k, 5.8 * k), aspect=(1.0, 1.5), keep=0.85))
     chromatin = style.colour("tum_nuc") * (1.0 + 0.10 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
-    return _mix(cyto, chromatin, nuc)
+    return mix(cyto, chromatin, nuc)
 
 
 def _stroma(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
@@ -194,32 +74,32 @@ def _stroma(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, s
     along = x * np.cos(angle) + y * np.sin(angle)
     across = y * np.cos(angle) - x * np.sin(angle)
     # Parallel streaks whose phase wanders smoothly: wavy collagen bundles.
-    phase = 2.0 * np.pi * across / (k * rng.uniform(6.0, 9.0)) + 3.0 * _smooth_noise(rng, size, 14.0 * k)[y, x]
+    phase = 2.0 * np.pi * across / (k * rng.uniform(6.0, 9.0)) + 3.0 * smooth_noise(rng, size, 14.0 * k)[y, x]
     fibre = (0.5 + 0.5 * np.sin(phase)) ** 1.5
-    fibre *= 0.75 + 0.25 * np.sin(2.0 * np.pi * along / (40.0 * k) + _smooth_noise(rng, size, 10.0 * k)[y, x])
-    colour = _mix(style.colour("str_base"), style.colour("str_fibre"), fibre)
-    spindle = _cover(
-        _nuclei_edge(rng, y, x, cell=24.0 * k, radius=(2.0 * k, 2.6 * k), aspect=(2.5, 3.2), keep=0.35, angle=angle)
+    fibre *= 0.75 + 0.25 * np.sin(2.0 * np.pi * along / (40.0 * k) + smooth_noise(rng, size, 10.0 * k)[y, x])
+    colour = mix(style.colour("str_base"), style.colour("str_fibre"), fibre)
+    spindle = cover(
+        nuclei_edge(rng, y, x, cell=24.0 * k, radius=(2.0 * k, 2.6 * k), aspect=(2.5, 3.2), keep=0.35, angle=angle)
     )
-    return _mix(colour, style.colour("nuc_spindle"), spindle)
+    return mix(colour, style.colour("nuc_spindle"), spindle)
 
 
 def _lymphocytes(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
     k = style.scale
-    nuc = _cover(_nuclei_edge(rng, y, x, cell=6.0 * k, radius=(2.2 * k, 2.7 * k), keep=0.95))
+    nuc = cover(nuclei_edge(rng, y, x, cell=6.0 * k, radius=(2.2 * k, 2.7 * k), keep=0.95))
     dark = style.colour("lym_nuc") * (1.0 + 0.12 * rng.standard_normal(y.shape, dtype=np.float32))[:, None]
-    return _mix(np.broadcast_to(style.colour("lym_base"), (y.size, 3)), dark, nuc)
+    return mix(np.broadcast_to(style.colour("lym_base"), (y.size, 3)), dark, nuc)
 
 
 def _necrosis(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
     k = style.scale
-    blotch = _smooth_noise(rng, size, 8.0 * k)[y, x]
+    blotch = smooth_noise(rng, size, 8.0 * k)[y, x]
     colour = style.colour("nec_base") * (1.0 + 0.04 * blotch[:, None])
     # Ghost cells: only the faint outline of dead cells is left.
-    ghost = _nuclei_edge(rng, y, x, cell=16.0 * k, radius=(4.0 * k, 6.0 * k), keep=0.4)
-    colour = _mix(colour, style.colour("nec_ghost"), 0.7 * np.clip(1.0 - np.abs(ghost + 0.8), 0.0, 1.0))
-    debris = _cover(_nuclei_edge(rng, y, x, cell=9.0 * k, radius=(0.8 * k, 2.2 * k), aspect=(1.0, 2.0), keep=0.4))
-    return _mix(colour, style.colour("nec_debris"), debris)
+    ghost = nuclei_edge(rng, y, x, cell=16.0 * k, radius=(4.0 * k, 6.0 * k), keep=0.4)
+    colour = mix(colour, style.colour("nec_ghost"), 0.7 * np.clip(1.0 - np.abs(ghost + 0.8), 0.0, 1.0))
+    debris = cover(nuclei_edge(rng, y, x, cell=9.0 * k, radius=(0.8 * k, 2.2 * k), aspect=(1.0, 2.0), keep=0.4))
+    return mix(colour, style.colour("nec_debris"), debris)
 
 
 def _background(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
@@ -243,8 +123,8 @@ def _region_mask(rng: np.random.Generator, size: int, textures: Sequence[int] = 
         seed_class = np.repeat(classes, rng.choice([1, 2], size=len(classes), p=[0.7, 0.3]))
         seeds = rng.uniform(-0.1 * size, 1.1 * size, (len(seed_class), 2)).astype(np.float32)
         # Warped coordinates turn straight Voronoi edges into smooth wavy borders.
-        wy = yy + 0.12 * size * _smooth_noise(rng, size, size / 6)
-        wx = xx + 0.12 * size * _smooth_noise(rng, size, size / 6)
+        wy = yy + 0.12 * size * smooth_noise(rng, size, size / 6)
+        wx = xx + 0.12 * size * smooth_noise(rng, size, size / 6)
         dist = (wy[None] - seeds[:, 0, None, None]) ** 2 + (wx[None] - seeds[:, 1, None, None]) ** 2
         while True:
             mask = seed_class[dist.argmin(0)]
@@ -257,31 +137,49 @@ def _region_mask(rng: np.random.Generator, size: int, textures: Sequence[int] = 
             return mask.astype(np.uint8)
 
 
-def paint(rng: np.random.Generator, mask: np.ndarray, style: Style = STYLES["default"]) -> np.ndarray:
-    """Fill a square texture mask (0-3 tissue textures, 4 glass) with its textures: an H×W×3 uint8 RGB image."""
+PAINTERS: dict[str, Painter] = {
+    "classic": Painter(_region_mask, _TEXTURES, STYLES["default"], stain_sd=0.025),
+    **EXTRA_PAINTERS,
+}
+"""Every way of drawing tissue, by name: ``classic`` (described above) and those of construct.data.painters."""
+
+
+def get_painter(name: str) -> Painter:
+    if name not in PAINTERS:
+        raise DataError(f"unknown synthetic painter {name!r}; choose one of {', '.join(PAINTERS)}")
+    return PAINTERS[name]
+
+
+def paint(rng: np.random.Generator, mask: np.ndarray, style: Style | None = None, painter: str = "classic") -> np.ndarray:
+    """Fill a square texture mask (0-3 tissue textures, 4 glass) with its textures: an H×W×3 uint8 RGB image.
+
+    ``style`` gives the colours and structure size (None: the painter's own palette)."""
+    drawer = get_painter(painter)
+    style = drawer.palette if style is None else style
     size = mask.shape[0]
-    stain = 1.0 + rng.normal(0.0, 0.025, 3).astype(np.float32)  # per-tile staining variation
+    stain = 1.0 + rng.normal(0.0, drawer.stain_sd, 3).astype(np.float32)  # per-tile staining variation
     image = np.empty((size * size, 3), np.float32)
     for c in np.unique(mask):
         flat = np.flatnonzero(mask == c)
         y, x = np.divmod(flat, size)
-        colour = _TEXTURES[c](rng, y, x, size, style)
+        colour = drawer.textures[c](rng, y, x, size, style)
         image[flat] = colour if c == GLASS else colour * stain  # glass takes no stain
     image = image.reshape(size, size, 3) + 3.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
     return np.clip(np.rint(image, out=image), 0, 255).astype(np.uint8)
 
 
-def make_tile(rng: np.random.Generator, size: int = 224, style: Style = STYLES["default"],
-              textures: Sequence[int] = range(GLASS), alveoli: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def make_tile(rng: np.random.Generator, size: int = 224, style: Style | None = None,
+              textures: Sequence[int] = range(GLASS), alveoli: bool = False,
+              painter: str = "classic") -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic tile: (H×W×3 uint8 RGB image, H×W uint8 texture mask, 4 = glass).
 
     ``textures`` limits the tissue textures drawn; ``alveoli`` punches white air spaces into the
-    tissue (glass in the mask).
+    tissue (glass in the mask); ``painter`` names an entry of :data:`PAINTERS`.
     """
-    mask = _region_mask(rng, size, textures)
+    mask = get_painter(painter).layout(rng, size, textures)
     if alveoli:
         mask = _punch_alveoli(rng, mask)
-    return paint(rng, mask, style), mask
+    return paint(rng, mask, style, painter), mask
 
 
 def _punch_alveoli(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
@@ -347,8 +245,8 @@ def tile_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLITS.index(split), index])
 
 
-def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int, size: int, style: Style,
-                 classes: ClassSet, layout: Layout) -> list[tuple[str, np.ndarray]]:
+def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int, size: int, style: Style | None,
+                 classes: ClassSet, layout: Layout, painter: str = "classic") -> list[tuple[str, np.ndarray]]:
     """Write one split; returns the (file name, label) of each train tile."""
     textures = layout.textures_for(classes)
     to_class = np.full(GLASS + 1, classes.background, np.uint8)
@@ -356,7 +254,7 @@ def _write_split(out: Path, split: str, count: int, slide_offset: int, seed: int
     folder = out / (layout.val_folder if split == "val" else split)
     labels = []
     for i in range(count):
-        image, texture_mask = make_tile(tile_rng(seed, split, i), size, style, textures, layout.alveoli)
+        image, texture_mask = make_tile(tile_rng(seed, split, i), size, style, textures, layout.alveoli, painter)
         mask = to_class[texture_mask]
         if split == "train":
             present = np.bincount(mask.ravel(), minlength=classes.num_classes + 1)[:classes.num_classes] > 0
@@ -390,10 +288,12 @@ def _is_complete(out: Path, manifest: dict, layout: Layout) -> bool:
 
 
 def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, seed: int, classes: ClassSet,
-                     size: int = 224, style: str = "default", layout: Layout = Layout()) -> None:
+                     size: int = 224, style: str = "default", layout: Layout = Layout(), painter: str = "classic") -> None:
     """Write a synthetic dataset of ``classes`` in the ``layout`` to ``out``, with a ``synthetic.json``.
 
-    ``style`` names an entry of :data:`STYLES` (colours and structure sizes).
+    ``painter`` names an entry of :data:`PAINTERS` (how regions and textures are drawn);
+    ``style`` names an entry of :data:`STYLES` (colours and structure sizes), where ``default``
+    means the painter's own palette.
 
     If ``out`` already holds a complete dataset made with the same arguments, nothing is done
     (so callers can "generate if missing"). Any other non-empty ``out`` raises DataError
@@ -407,12 +307,15 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
         )
     if style not in STYLES:
         raise DataError(f"unknown synthetic style {style!r}; choose one of {', '.join(STYLES)}")
+    get_painter(painter)
     if layout.label_format not in ("bits", "spaced", "csv"):
         raise DataError(f"unknown label format {layout.label_format!r}; expected bits, spaced or csv")
     textures = layout.textures_for(classes)
     manifest = {"generator": "construct.data.synthetic", "version": _VERSION, "seed": seed, "size": size, **counts}
     if style != "default":  # default manifests predate styles and stay valid
         manifest["style"] = style
+    if painter != "classic":
+        manifest["painter"] = painter
     manifest["classes"] = {name: TEXTURE_NAMES[t] for name, t in zip(classes.names, textures)}
     if layout.record():
         manifest["layout"] = layout.record()
@@ -444,7 +347,8 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
         staging.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
         slide_offset = 0
         for split in _SPLITS:
-            labels = _write_split(staging, split, counts[split], slide_offset, seed, size, STYLES[style], classes, layout)
+            labels = _write_split(staging, split, counts[split], slide_offset, seed, size,
+                                  None if style == "default" else STYLES[style], classes, layout, painter)
             if split == "train" and layout.label_format == "csv":
                 _write_label_csv(staging / layout.label_csv, labels, classes)
             slide_offset += -(-counts[split] // _TILES_PER_SLIDE)  # splits never share a slide
@@ -477,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", choices=sorted(STYLES), default="default",
                         help="colours and structure sizes: 'default', or 'variant' (another stain, 1.3x larger "
                              "structures) to check that a recipe is not tuned to one look")
+    parser.add_argument("--painter", choices=sorted(PAINTERS), default="classic",
+                        help="how regions and textures are drawn: 'classic' (default), or another painter "
+                             "(construct/data/painters.py) to test transfer to tissue drawn another way")
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, metavar="YAML",
                         help="config or dataset preset whose data.classes and data.background the tiles get "
                         f"(default: {DEFAULT_DATASET.relative_to(REPO)})")
@@ -496,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         from construct.config import load_config  # deferred: the generator itself needs no config
 
         classes = ClassSet.from_config(load_config(args.dataset))
-        generate_dataset(args.out, args.train, args.val, args.test, args.seed, classes, args.size, args.style, layout)
+        generate_dataset(args.out, args.train, args.val, args.test, args.seed, classes, args.size, args.style, layout,
+                         args.painter)
     except ConStructError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

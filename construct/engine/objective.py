@@ -15,7 +15,8 @@ class ConStructObjective(nn.Module):
     """Model + frozen teacher + losses in one module, so DDP sees one forward per step.
 
     A loss term with weight 0 is not computed at all (no teacher forward, no extra encoder
-    passes), which is what the ablation variants rely on.
+    passes), which is what the ablation variants rely on. Nor is L_sim during its warm-up
+    (``loss.sim_warmup``), for which the trainer reports its progress through :meth:`set_progress`.
     """
 
     def __init__(self, model: ConStructModel, teacher: MiTTeacher | None, config: Config) -> None:
@@ -28,6 +29,8 @@ class ConStructObjective(nn.Module):
         self.distill_pairs = [tuple(pair) for pair in config.model.distill_pairs]
         if self.weights["struct"] > 0 and (teacher is None or not self.distill_pairs):
             raise ValueError("the structural loss needs a teacher and at least one model.distill_pairs entry")
+        self.sim_warmup = loss_cfg.sim_warmup
+        self.sim_on = self.sim_warmup == 0
         self.contrastive = None
         if self.weights["sim"] > 0:
             self.contrastive = FgBgContrastiveLoss(
@@ -43,6 +46,11 @@ class ConStructObjective(nn.Module):
                 checkpoint_chunk=loss_cfg.sim_checkpoint_chunk,
             )
 
+    def set_progress(self, iteration: int, total_iterations: int) -> None:
+        """Tell the objective which iteration (0-based) of how many comes next: L_sim joins once
+        ``loss.sim_warmup`` of them have passed."""
+        self.sim_on = iteration >= self.sim_warmup * total_iterations
+
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
         """Training state outside the model (the memory bank) that a resume must restore."""
         return {} if self.contrastive is None else self.contrastive.state_dict()
@@ -53,7 +61,8 @@ class ConStructObjective(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted loss terms and their sum under ``total``."""
-        token_views = self.contrastive is not None and self.contrastive.views == "tokens"
+        sim = self.contrastive if self.sim_on else None
+        token_views = sim is not None and sim.views == "tokens"
         out = self.model(images, with_tokens=token_views)
         total_weight = sum(self.cam_level_weights)
         terms: dict[str, torch.Tensor] = {}
@@ -66,8 +75,8 @@ class ConStructObjective(nn.Module):
             terms["struct"] = torch.stack(
                 [relational_affinity_loss(out.refined[level], stages[stage]) for level, stage in self.distill_pairs]
             ).mean()
-        if self.contrastive is not None:
-            terms["sim"] = self.contrastive(
+        if sim is not None:
+            terms["sim"] = sim(
                 images, out.cams, labels, self.model.prototypes(), self.model.prototypes.per_class, self.model.conch,
                 out.tokens,
             )

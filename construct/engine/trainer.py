@@ -237,6 +237,7 @@ def train(
             for batch in train_loader:
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
+                objective.set_progress(iteration, total_iterations)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     losses = step_module(images, labels)
                 guard.check(losses, iteration + 1)

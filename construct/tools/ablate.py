@@ -44,6 +44,8 @@ VARIANT_OVERRIDES: dict[str, list[str]] = {
     "full-sim-prototypes-only": ["loss.sim_gradient=prototypes"],
     "full-per-image-max": ["loss.threshold_max=per_image"],
     "full-sim0.05": ["loss.sim_weight=0.05"],
+    # L_sim off for the first half of the iterations, then at full weight (loss.sim_warmup):
+    "full-sim-warmup": ["loss.sim_warmup=0.5"],
 }
 
 
@@ -171,7 +173,6 @@ def finished(args: argparse.Namespace, variant: str, seed: int) -> bool:
 
 def run_in_parallel(args: argparse.Namespace, device) -> None:
     """Train the missing (variant, seed) runs ``--jobs`` at a time, each in its own process."""
-    prepare_inputs(variant_config(args, args.variants[0], args.seeds[0]), DistInfo(device=device))  # once, not per job
     pending = [(v, s) for v in args.variants for s in args.seeds if not finished(args, v, s)]
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,8 @@ def main(args: argparse.Namespace) -> None:
     for variant in args.variants:
         variant_config(args, variant, args.seeds[0])  # fail on a bad variant or override before any training
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.single_run:  # once, not per job; with --jobs 1 too (the runs train in this process)
+        prepare_inputs(variant_config(args, args.variants[0], args.seeds[0]), DistInfo(device=device))
     if args.jobs > 1:
         run_in_parallel(args, device)
     runs = [run_one(args, variant, seed, device) for variant in args.variants for seed in args.seeds]

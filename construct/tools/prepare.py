@@ -25,7 +25,7 @@ def prepare_inputs(config: Config, dist_info: DistInfo) -> None:
                         alveoli=synthetic.alveoli)
         generate_dataset(config.data.root, synthetic.train, synthetic.val, synthetic.test, synthetic.seed,
                          ClassSet.from_config(config), size=config.model.image_size, style=synthetic.style,
-                         layout=layout)
+                         layout=layout, painter=synthetic.painter)
     if config.model.testbed_seed is not None and dist_info.is_main:
         from construct.tools.testbed.pretrain import ensure_testbed
 

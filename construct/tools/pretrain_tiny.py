@@ -6,7 +6,9 @@ Writes ``pytorch_model.bin`` (tiny CONCH, official key layout), ``mit/`` (tiny M
 folder) and ``testbed.json`` (seed, budget, premises) into ``--out``; a second run with the same
 seed reuses them. configs/demo.yaml points at these files and pretrains them on first use (with
 the default budget: a folder made with --budget overrides is not the one the demo expects).
-What is trained on what, and why: construct/tools/testbed/pretrain.py.
+``--budget painters=noise,glands`` pretrains without the classic painter (any subset of
+construct.data.synthetic.PAINTERS), so that the printed premises on the left-out painter measure
+transfer to tissue drawn another way. What is trained on what, and why: construct/tools/testbed/pretrain.py.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def main(args: argparse.Namespace) -> None:
         if not sep or key not in names:
             raise ConfigError(f"--budget: expected KEY=VALUE with KEY one of {', '.join(names)}, got '{text}'")
         try:
-            budget = replace(budget, **{key: float(value) if names[key] in (float, "float") else int(value)})
+            kind = {"float": float, "int": int}.get(getattr(names[key], "__name__", names[key]), str)
+            budget = replace(budget, **{key: kind(value)})
         except ValueError:
             raise ConfigError(f"--budget: '{value}' is not a number for {key}") from None
+    budget.painter_names()  # a bad painter list fails before anything is drawn
     prompts = list(ClassSet.from_config(load_config(args.config)).prompts)
     manifest = ensure_testbed(args.out, args.seed, prompts, budget)
     print(f"premises (held-out synthetic tiles; {args.out / MANIFEST}):")
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
                         help="config whose class prompts the tiny CONCH learns (default: configs/demo.yaml)")
     parser.add_argument("--budget", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override the pretraining budget, e.g. conch_steps=20 (tests use a tiny one)")
+                        help="override the pretraining budget, e.g. conch_steps=20 (tests use a tiny one), or "
+                             "painters=noise,glands to hold the classic painter out (transfer measurement)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return parser
 

@@ -8,6 +8,9 @@
   random teacher.
 
 Held-out tiles come from generator seeds that neither pretraining nor the BCSS-format splits use.
+Each premise is measured on every evaluation set (:data:`EVAL_SETS`: each painter with its own
+palette, and the classic painter in the ``variant`` style); a set whose painter pretraining left
+out measures transfer to tissue drawn another way.
 """
 
 from __future__ import annotations
@@ -21,23 +24,34 @@ import torch
 import torch.nn.functional as F
 
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import STYLES, TEXTURE_NAMES, make_tile, paint
+from construct.data.synthetic import PAINTERS, STYLES, TEXTURE_NAMES, Style, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
 from construct.tools.testbed.seeds import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
 
-STYLE_OFFSET = {"default": 0, "variant": 500_000}
+EVAL_SETS: dict[str, tuple[str, str]] = {**{name: (name, "default") for name in PAINTERS}, "classic-variant": ("classic", "variant")}
+"""Evaluation sets of the premises: name -> (painter, style; 'default' = the painter's own palette)."""
+
+
+def _set_offset(name: str) -> int:
+    return 500_000 * list(EVAL_SETS).index(name)
+
+
+def _set_style(name: str) -> tuple[str, Style | None]:
+    painter, style = EVAL_SETS[name]
+    return painter, None if style == "default" else STYLES[style]
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4), "n": len(values)}
 
 
-def pure_tiles(seed: int, style: str = "default", per_class: int = 12, size: int = 224) -> list[torch.Tensor]:
-    """Class-pure held-out tiles: one per_class×3×size×size batch per tissue class."""
-    return [torch.stack([to_tensor(paint(tagged_rng(seed, HELD_OUT_PURE_TAG, STYLE_OFFSET[style] + cls * 1000 + i),
-                                          np.full((size, size), cls, np.uint8), STYLES[style]))
+def pure_tiles(seed: int, eval_set: str = "classic", per_class: int = 12, size: int = 224) -> list[torch.Tensor]:
+    """Class-pure held-out tiles of one evaluation set: one per_class×3×size×size batch per tissue class."""
+    painter, style = _set_style(eval_set)
+    return [torch.stack([to_tensor(paint(tagged_rng(seed, HELD_OUT_PURE_TAG, _set_offset(eval_set) + cls * 1000 + i),
+                                          np.full((size, size), cls, np.uint8), style, painter))
                          for i in range(per_class)]) for cls in range(len(TEXTURE_NAMES))]
 
 
@@ -49,11 +63,12 @@ def zero_shot_accuracy(conch: ConchModel, prompts: Sequence[str], tiles: Sequenc
     return correct / sum(len(batch) for batch in tiles)
 
 
-def held_out_tiles(seed: int, count: int, style: str = "default") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mixed tiles (image 3×224×224 in [0, 1], mask 224×224) no other code path draws."""
+def held_out_tiles(seed: int, count: int, eval_set: str = "classic") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Mixed tiles (image 3×224×224 in [0, 1], mask 224×224) of one evaluation set, which no other code path draws."""
+    painter, style = _set_style(eval_set)
     tiles = []
     for i in range(count):
-        image, mask = make_tile(tagged_rng(seed, HELD_OUT_MIXED_TAG, STYLE_OFFSET[style] + i), 224, STYLES[style])
+        image, mask = make_tile(tagged_rng(seed, HELD_OUT_MIXED_TAG, _set_offset(eval_set) + i), 224, style, painter=painter)
         tiles.append((to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
     return tiles
 
@@ -98,39 +113,36 @@ def affinity_contrasts(teacher: MiTTeacher, tiles: Sequence[tuple[torch.Tensor, 
 
 
 def measure_premises(conch: ConchModel, teacher: MiTTeacher, seed: int, prompts: Sequence[str],
-                     tiles: int = 16) -> dict[str, Any]:
-    """Every premise number, for the pretrained towers and for random towers of the same seed."""
+                     tiles: int = 16, pretrained_on: Sequence[str] = tuple(PAINTERS)) -> dict[str, Any]:
+    """Every premise number on every evaluation set, for the pretrained towers and for random towers
+    of the same seed; ``pretrained_on`` (the painters pretraining used) is recorded beside them."""
     torch.manual_seed(seed)
     random_conch = load_conch(None, image_size=224, preset="tiny")
     torch.manual_seed(seed)
     random_teacher = MiTTeacher(mit_config("tiny"))
-    held_out = held_out_tiles(seed, tiles)
-    variant = held_out_tiles(seed, tiles, "variant")
-    pure = {style: pure_tiles(seed, style, per_class=tiles) for style in ("default", "variant")}
-    result: dict[str, Any] = {}
+    mixed = {name: held_out_tiles(seed, tiles, name) for name in EVAL_SETS}
+    pure = {name: pure_tiles(seed, name, per_class=tiles) for name in EVAL_SETS}
+    result: dict[str, Any] = {"pretrained_on": list(pretrained_on)}
     for name, tower in (("pretrained", conch), ("random", random_conch)):
-        result[f"zero_shot_accuracy_{name}"] = {style: round(zero_shot_accuracy(tower, prompts, pure[style]), 4)
-                                                for style in ("default", "variant")}
-        result[f"fg_bg_cosine_gap_{name}"] = {"default": _mean_std(fg_bg_gaps(tower, prompts, held_out)),
-                                             "variant": _mean_std(fg_bg_gaps(tower, prompts, variant))}
+        result[f"zero_shot_accuracy_{name}"] = {s: round(zero_shot_accuracy(tower, prompts, pure[s]), 4) for s in EVAL_SETS}
+        result[f"fg_bg_cosine_gap_{name}"] = {s: _mean_std(fg_bg_gaps(tower, prompts, mixed[s])) for s in EVAL_SETS}
     for name, tower in (("pretrained", teacher), ("random", random_teacher)):
-        result[f"teacher_affinity_contrast_{name}"] = {f"stage{stage}": _mean_std(affinity_contrasts(tower, held_out, stage))
-                                                       for stage in (2, 3)}
+        result[f"teacher_affinity_contrast_{name}"] = {
+            s: {f"stage{stage}": _mean_std(affinity_contrasts(tower, mixed[s], stage)) for stage in (2, 3)}
+            for s in EVAL_SETS}
     return result
 
 
 def format_premises(premises: dict[str, Any]) -> str:
-    """The premise numbers as printed lines."""
-    lines = []
-    for name in ("pretrained", "random"):
-        zs = premises[f"zero_shot_accuracy_{name}"]
-        gap = premises[f"fg_bg_cosine_gap_{name}"]
-        lines.append(f"  CONCH {name:>10}: zero-shot accuracy {100 * zs['default']:.1f}% (variant style "
-                     f"{100 * zs['variant']:.1f}%); cos(FG view, prompt) − cos(BG view, prompt) "
-                     f"{gap['default']['mean']:+.3f} ± {gap['default']['std']:.3f} (variant {gap['variant']['mean']:+.3f})")
-    for name in ("pretrained", "random"):
-        aff = premises[f"teacher_affinity_contrast_{name}"]
-        lines.append(f"  MiT   {name:>10}: token affinity (within − across regions) / spread: stage 2 "
-                     f"{aff['stage2']['mean']:+.3f} ± {aff['stage2']['std']:.3f}, stage 3 "
-                     f"{aff['stage3']['mean']:+.3f} ± {aff['stage3']['std']:.3f}")
+    """The premise numbers as printed lines, one per evaluation set (held-out painters marked)."""
+    lines = [f"  pretrained on painters: {', '.join(premises['pretrained_on'])}"]
+    for eval_set, (painter, _) in EVAL_SETS.items():
+        held_out = "" if painter in premises["pretrained_on"] else "  [painter held out of pretraining]"
+        lines.append(f"  {eval_set}:{held_out}")
+        for name in ("pretrained", "random"):
+            gap = premises[f"fg_bg_cosine_gap_{name}"][eval_set]
+            aff = premises[f"teacher_affinity_contrast_{name}"][eval_set]
+            lines.append(f"    {name:>10}: CONCH zero-shot {100 * premises[f'zero_shot_accuracy_{name}'][eval_set]:5.1f}%, "
+                         f"cos(FG view) − cos(BG view) {gap['mean']:+.3f} ± {gap['std']:.3f}; MiT affinity contrast "
+                         f"stage 2 {aff['stage2']['mean']:+.2f}, stage 3 {aff['stage3']['mean']:+.2f}")
     return "\n".join(lines)

@@ -13,8 +13,11 @@
   Saved as a Hugging Face folder (``config.json`` + ``model.safetensors``).
 
 Every image is drawn with generator seeds tagged apart from the BCSS-format splits (tags 0–2), so
-pretraining never sees a train, validation or test tile. Stain and scale augmentation keep the
-towers from learning one palette. The files are built in a hidden folder and renamed into place
+pretraining never sees a train, validation or test tile. CONCH's images come from several
+painters (construct.data.synthetic.PAINTERS: structurally different ways of drawing the same
+classes; ``Budget.painters`` picks them, so one can be held out), each tile with its palette and
+structure size randomised, and stain, scale and flip augmentation on top: the towers should learn
+the classes, not one painter. The files are built in a hidden folder and renamed into place
 with a manifest; a later call with the same seed and budget reuses them.
 """
 
@@ -27,7 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import GLASS, STYLES, TEXTURE_NAMES, make_tile, paint
+from construct.data.synthetic import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
@@ -47,7 +50,7 @@ from construct.tools.testbed.premises import measure_premises
 from construct.tools.testbed.seeds import MIXED_TAG, PURE_TAG, TEXTURE_TAG, tagged_rng
 from construct.tools.testbed.textures import FAMILIES, HUE_BANDS, make_texture_image
 
-VERSION = 1
+VERSION = 2  # 2: several painters, per-tile palette and scale randomisation, stronger stain jitter
 CONCH_FILE = "pytorch_model.bin"
 TEACHER_FOLDER = "mit"
 MANIFEST = "testbed.json"
@@ -66,14 +69,29 @@ class Budget:
     conch_steps: int = 100
     conch_batch: int = 40
     conch_size: int = 112
-    pure_per_class: int = 40
-    mixed_tiles: int = 100
+    pure_per_class: int = 60
+    """Class-pure crops per class, shared out over the painters."""
+    mixed_tiles: int = 150
+    """Mixed tiles, shared out over the painters."""
     teacher_steps: int = 100
     teacher_batch: int = 16
     teacher_size: int = 128
     lr: float = 1e-3
     held_out: int = 16
     """Held-out tiles per premise measurement (mixed tiles; class-pure tiles per class)."""
+    painters: str = ",".join(PAINTERS)
+    """Comma-separated painters (construct.data.synthetic.PAINTERS) whose tissue CONCH is pretrained
+    on; leave one out to measure transfer to tissue drawn another way."""
+    stain: float = 0.35
+    """Strength of the stain jitter (construct.tools.testbed.augment.stain_jitter)."""
+
+    def painter_names(self) -> list[str]:
+        names = [name.strip() for name in self.painters.split(",") if name.strip()]
+        unknown = [name for name in names if name not in PAINTERS]
+        if not names or unknown:
+            raise ConfigError(f"budget painters: expected a comma-separated subset of {', '.join(PAINTERS)}, "
+                              f"got '{self.painters}'")
+        return names
 
 
 def tower_paths(folder: str | Path) -> tuple[Path, Path]:
@@ -97,18 +115,36 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, total
         log(f"  {name} step {step + 1}/{total}  loss {loss.item():.3f}  ({time.perf_counter() - started:.0f} s)")
 
 
+def randomised_style(rng: np.random.Generator, palette: Style) -> Style:
+    """A painter's palette with another lab's look: one random stain gain per channel for the
+    whole tile, every colour nudged on its own, and the structures 0.75–1.3× their size."""
+    gain = 1.0 + rng.normal(0.0, 0.06, 3)
+    colours = {f.name: tuple(float(v) for v in np.clip(palette.colour(f.name) * gain + rng.normal(0.0, 8.0, 3), 0, 255))
+               for f in fields(Style) if f.name != "scale"}
+    return Style(**colours, scale=palette.scale * float(rng.uniform(0.75, 1.3)))
+
+
 class CaptionedImages:
     """A pool of class-pure crops and mixed tiles, sampled into augmented image–caption batches."""
 
     def __init__(self, seed: int, budget: Budget, prompts: Sequence[str]) -> None:
-        style = STYLES["default"]
         self.prompts = list(prompts)
         self.budget = budget
-        self.pure = [[to_tensor(paint(tagged_rng(seed, PURE_TAG, c * 10_000 + i), np.full((PURE_SIZE, PURE_SIZE), c, np.uint8), style))
-                      for i in range(budget.pure_per_class)] for c in range(len(TEXTURE_NAMES) + 1)]
+        painters = budget.painter_names()
+        # Tile i of a pool is drawn by painter i mod n, each with its own randomised palette and scale.
+        self.pure: list[list[torch.Tensor]] = [[] for _ in range(len(TEXTURE_NAMES) + 1)]
+        for c in range(len(TEXTURE_NAMES) + 1):
+            for i in range(budget.pure_per_class):
+                rng = tagged_rng(seed, PURE_TAG, c * 10_000 + i)
+                painter = painters[i % len(painters)]
+                style = randomised_style(rng, PAINTERS[painter].palette)
+                mask = np.full((PURE_SIZE, PURE_SIZE), c, np.uint8)
+                self.pure[c].append(to_tensor(paint(rng, mask, style, painter)))
         self.mixed = []
         for i in range(budget.mixed_tiles):
-            image, mask = make_tile(tagged_rng(seed, MIXED_TAG, i), 224, style)
+            rng = tagged_rng(seed, MIXED_TAG, i)
+            painter = painters[i % len(painters)]
+            image, mask = make_tile(rng, 224, randomised_style(rng, PAINTERS[painter].palette), painter=painter)
             self.mixed.append((to_tensor(image), torch.from_numpy(mask.astype(np.int64))))
         self.rng = np.random.default_rng([seed, 99])
         self.generator = torch.Generator().manual_seed(seed)
@@ -146,7 +182,7 @@ class CaptionedImages:
             classes.append(present)
         batch = F.interpolate(torch.stack(images), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         captions = [caption(self.rng, present, self.prompts) for present in classes]
-        return stain_jitter(batch, self.generator), classes, captions
+        return stain_jitter(batch, self.generator, self.budget.stain), classes, captions
 
 
 def symmetric_multi_positive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, positive: torch.Tensor,
@@ -288,7 +324,8 @@ def ensure_testbed(folder: str | Path, seed: int, prompts: Sequence[str], budget
         teacher.segformer.save_pretrained(stage_teacher, safe_serialization=True)
         wanted["seconds"] = round(time.perf_counter() - started, 1)
         with torch.random.fork_rng(devices=[]):
-            wanted["premises"] = measure_premises(conch, teacher, seed, prompts, budget.held_out)
+            wanted["premises"] = measure_premises(conch, teacher, seed, prompts, budget.held_out,
+                                                   budget.painter_names())
         (staging / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             folder.rmdir()  # empty, checked above
