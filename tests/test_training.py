@@ -122,7 +122,9 @@ def test_resume_rejects_a_checkpoint_of_another_model(data_root, tmp_path):
         train(other, CPU, resume=tmp_path / "a" / "latest.pth")
 
 
-def test_nan_loss_stops_naming_the_iteration_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+@pytest.fixture
+def nan_at_third_step(monkeypatch) -> dict[str, int]:
+    """Make the classification loss NaN on its third call; returns the call counter."""
     calls = {"n": 0}
     real_loss = objective_module.classification_loss
 
@@ -132,25 +134,21 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_last_checkpoint(data_root
         return value * float("nan") if calls["n"] == 3 else value
 
     monkeypatch.setattr(objective_module, "classification_loss", poisoned)
+    return calls
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_last_checkpoint(data_root, tmp_path, nan_at_third_step):
     config = small_config(data_root, tmp_path / "run", "train.checkpoint_interval=1")
     with pytest.raises(TrainingError, match="iteration 3"):
         train(config, CPU)
     assert load_checkpoint(tmp_path / "run" / "latest.pth")["iteration"] == 2
 
 
-def test_deferred_nan_guard_stops_at_the_next_sync_naming_the_first_bad_iteration(data_root, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_deferred_nan_guard_stops_at_the_next_sync_naming_the_first_bad_iteration(data_root, tmp_path,
+                                                                                  nan_at_third_step, capsys):
     """train.fast_path checks the loss on the device and reads it at log/validation/checkpoint
     iterations only; on the CPU that is the one part of the fast path that applies."""
-    calls = {"n": 0}
-    real_loss = objective_module.classification_loss
-
-    def poisoned(logits, labels):
-        calls["n"] += 1
-        value = real_loss(logits, labels)
-        return value * float("nan") if calls["n"] == 3 else value
-
-    monkeypatch.setattr(objective_module, "classification_loss", poisoned)
+    calls = nan_at_third_step
     config = small_config(data_root, tmp_path / "run", "train.fast_path=true", "train.checkpoint_interval=2",
                           "train.log_interval=5", "train.eval_interval=6")
     with pytest.raises(TrainingError, match=r"loss is not finite at iteration 3 \(cls=nan, .*latest\.pth"):
