@@ -31,26 +31,28 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
         # The training CONCH keeps the fast path train.fast_path gave it (inference.fast_path does not apply).
         own = dataclasses.replace(config, inference=dataclasses.replace(inference, fast_path=False))
         predictor = Predictor(model, own, device, tta=True, crf=inference.crf.enabled)
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True)
-        truth = batch["presence"].to(device)
-        if predictor is None:
-            out = model(images)
-            logits = out.logits
-            presence = select_presence(inference.presence, logits, inference.presence_gate, truth)
-            probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power,
-                                      align_corners=inference.upsample_align_corners)
-            predicted_masks = probs.argmax(dim=1)
-        else:
-            cams, logits = predictor.network(images)
-            predictions = predictor.postprocess(images, cams, logits, inference.presence, truth)
-            predicted_masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long().to(device)
-        confusion.update(predicted_masks, masks)
-        correct += int((presence_from_logits(logits, inference.presence_gate) == truth).sum())
-        total += truth.numel()
-    if predictor is not None:
-        predictor.close()
+    try:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            truth = batch["presence"].to(device)
+            if predictor is None:
+                out = model(images)
+                logits = out.logits
+                presence = select_presence(inference.presence, logits, inference.presence_gate, truth)
+                probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power,
+                                          align_corners=inference.upsample_align_corners)
+                predicted_masks = probs.argmax(dim=1)
+            else:
+                cams, logits = predictor.network(images)
+                predictions = predictor.postprocess(images, cams, logits, inference.presence, truth)
+                predicted_masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long().to(device)
+            confusion.update(predicted_masks, masks)
+            correct += int((presence_from_logits(logits, inference.presence_gate) == truth).sum())
+            total += truth.numel()
+    finally:
+        if predictor is not None:
+            predictor.close()  # stops the CRF workers, also when a batch fails
     model.train(was_training)
     metrics = confusion.compute(config.evaluation.background)
     return {"miou": metrics.miou, "mdice": metrics.mdice, "cls_accuracy": 100.0 * correct / max(total, 1)}
