@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from construct.atomic import atomic_path
 from construct.errors import CheckpointError
 
 FORMAT = "construct-checkpoint-v1"
@@ -21,13 +22,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
     A crash mid-write leaves the previous checkpoint intact (and at worst a stray ``.tmp``).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         torch.save({"format": FORMAT, **state}, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from construct.atomic import write_text_atomic
 from construct.errors import ConfigError
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -556,10 +557,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
 
 
 def validate(config: Config, source: str) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,15 +84,3 @@ def first(dataset: Dataset, count: int | None) -> Dataset:
 def presence_of(batch: dict) -> torch.Tensor | None:
     """Ground-truth class presence of a batch: the mask's classes (val/test) or the file-name label (train)."""
     return batch.get("presence", batch.get("label"))
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
+from construct.atomic import write_text_atomic
 from construct.cli import run_cli
 from construct.data.datasets import eval_dataset
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.metrics import BACKGROUND_CONVENTIONS
-from visualization_utils.common import add_inference_arguments, add_model_arguments, atomic_output, first, load, make_predictor
+from visualization_utils.common import add_inference_arguments, add_model_arguments, first, load, make_predictor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +60,7 @@ def main(args: argparse.Namespace) -> None:
                   "config": str(args.config), "dataset": config.data.name, "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": len(dataset)}
         suffix = "" if metrics.background == "counted" else f"_background-{metrics.background}"
         path = out_dir / f"metrics_{args.split}_{protocol}{suffix}.json"
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
         print(f"wrote {path}")
 
 

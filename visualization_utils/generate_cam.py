@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from construct.atomic import atomic_path, write_text_atomic
 from construct.classes import ClassSet
 from construct.cli import run_cli
 from construct.data.datasets import ImageFolderDataset
@@ -27,7 +28,6 @@ from construct.inference.streaming import predict_region
 from visualization_utils.common import (
     add_inference_arguments,
     add_model_arguments,
-    atomic_output,
     first,
     load,
     make_predictor,
@@ -68,7 +68,7 @@ def save_outputs(out_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, 
                  save_overlay: bool, classes: ClassSet) -> None:
     write_mask(out_dir / f"{name}.png", mask, classes)
     if cams is not None:
-        with atomic_output(out_dir / "cam" / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
+        with atomic_path(out_dir / "cam" / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, cams.astype(np.float16))
     if save_overlay:
         write_image(out_dir / "overlay" / f"{name}.png", overlay(image, mask, classes))
@@ -118,8 +118,7 @@ def main(args: argparse.Namespace) -> None:
                         for name, value, rgb in zip(classes.all_names, classes.mask_values, classes.palette)},
             "cam_channels": list(classes.names), "protocol": protocol, "checkpoint": str(args.checkpoint),
             "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": count}
-    with atomic_output(out_dir / "generate_cam.json") as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "generate_cam.json", json.dumps(info, indent=2) + "\n")
     print(f"wrote {count} masks (presence protocol '{protocol}') to {out_dir}")
 
 

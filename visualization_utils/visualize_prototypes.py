@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 from matplotlib.patches import Patch
 from torch.utils.data import Dataset
 
+from construct.atomic import atomic_path
 from construct.classes import ClassSet
 from construct.cli import run_cli
 from construct.config import Config
@@ -31,7 +32,7 @@ from construct.inference.similarity import prototype_names, prototype_similarity
 from construct.inference.tiling import tiled_forward, window_stride
 from construct.models.build import load_trained_model
 from construct.models.construct import ConStructModel
-from visualization_utils.common import add_model_arguments, atomic_output, load_settings, presence_of, split_dataset
+from visualization_utils.common import add_model_arguments, load_settings, presence_of, split_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
             fig = draw(to_uint8_images(image[None])[0], gt, prediction.mask, protocol, sims, scores, names, per_class,
                        title=path.name, classes=classes)
             target = out_dir / f"{path.stem}_prototypes.png"
-            with atomic_output(target) as tmp:
+            with atomic_path(target) as tmp:
                 fig.savefig(tmp, format="png", dpi=100)
             print(f"wrote {target}")
 

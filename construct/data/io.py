@@ -8,13 +8,12 @@ half-written PNG behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from construct.atomic import atomic_path
 from construct.classes import ClassSet
 from construct.errors import DataError
 
@@ -79,15 +78,8 @@ def read_mask(path: str | Path, classes: ClassSet) -> np.ndarray:
 
 def _save_atomic(img: Image.Image, path: Path, **params: object) -> None:
     """Save ``img`` as PNG via a temporary file in the same folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", **params)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        img.save(handle, format="PNG", **params)
 
 
 def write_image(path: str | Path, image: np.ndarray, compress_level: int = 6) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 import traceback
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from construct.atomic import write_text_atomic
 from construct.classes import ClassSet
 from construct.config import Config
 from construct.data.slide_reader import OpenSlideReader
@@ -184,10 +184,5 @@ def write_cohort_table(rows: Sequence[dict[str, Any]], out_dir: Path, classes: C
     contents = [text.getvalue(), json.dumps([{key: row.get(key) for key in columns} for row in rows], indent=2,
                                             ensure_ascii=False) + "\n"]
     for path, content in zip(paths, contents):
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, content)
     return paths

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from construct.atomic import write_text_atomic
 from construct.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -68,9 +69,7 @@ class Plan:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically: a reader (or a killed writer) never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def reset_peak_memory(device: torch.device) -> None:
