@@ -254,6 +254,25 @@ def test_background_prior_forces_bright_regions_but_not_small_holes():
     assert (out[2:12, 2:12] == 4).all() and (out[15:17, 15:17] == 0).all() and (out[0, 0] == 0)
 
 
+def test_fast_validation_applies_the_background_prior(tmp_path):
+    from construct.engine.validate import validate
+    from construct.models.build import build_model
+
+    torch.manual_seed(0)
+    images = torch.full((2, 3, 224, 224), 0.5)  # tumour on the left half (grey 128: tissue) ...
+    images[..., 112:] = 1.0  # ... and a bright, tissue-free right half: background by LUAD's prior
+    masks = torch.full((2, 224, 224), LUAD.background)
+    masks[..., :112] = 0
+    batch = {"image": images, "mask": masks, "presence": torch.tensor([[1.0, 0, 0, 0]] * 2)}
+    scores = {}
+    for prior in ("{grey_threshold: 200, min_size: 50}", "null"):
+        config = load_config(luad_config(tmp_path), ["inference.presence=ground_truth", "evaluation.background=counted",
+                                                      f"data.background_prior={prior}"])
+        scores[prior] = validate(build_model(config), [batch], config, torch.device("cpu"))["miou"]
+    assert scores["null"] < 99.0  # the tumour CAM spills onto the bright half ...
+    assert scores["{grey_threshold: 200, min_size: 50}"] == pytest.approx(100.0)  # ... which the prior makes background
+
+
 def test_ignored_background_leaves_out_gt_background_pixels():
     matrix = ConfusionMatrix(("A", "B", "BACK"))
     target = torch.tensor([0, 0, 1, 2, 2, 2])

@@ -1,5 +1,5 @@
 """Validation during training: mIoU and classification accuracy. The fast path maps CAMs to masks
-without TTA or CRF; ``train.validation: full`` runs the whole inference pipeline instead."""
+without TTA or CRF (then the dataset's background prior, as at test time); ``train.validation: full`` runs the whole inference pipeline instead."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from construct.classes import ClassSet
-from construct.config import Config
-from construct.inference.postprocess import cam_probabilities, presence_from_logits, select_presence
-from construct.inference.predictor import Predictor
+from construct.config import BackgroundPriorConfig, Config
+from construct.inference.postprocess import (
+    apply_background_prior,
+    cam_probabilities,
+    presence_from_logits,
+    select_presence,
+)
+from construct.inference.predictor import Predictor, to_uint8_images
 from construct.metrics import ConfusionMatrix
 from construct.models.construct import ConStructModel
 
@@ -23,7 +28,9 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     """mIoU (``train.validation``: fast path or full pipeline) and per-class presence accuracy on an evaluation split."""
     was_training = model.training
     model.eval()
-    confusion = ConfusionMatrix(ClassSet.from_config(config).all_names, device=device)
+    classes = ClassSet.from_config(config)
+    confusion = ConfusionMatrix(classes.all_names, device=device)
+    prior = config.data.background_prior
     correct = total = 0
     inference = config.inference
     predictor = None
@@ -43,6 +50,8 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
                 probs = cam_probabilities(out.cams, presence, masks.shape[-2:], inference.background_power,
                                           align_corners=inference.upsample_align_corners)
                 predicted_masks = probs.argmax(dim=1)
+                if prior is not None:  # as the evaluation script and slide prediction apply it
+                    predicted_masks = _with_background_prior(predicted_masks, images, prior, classes.background)
             else:
                 cams, logits = predictor.network(images)
                 predictions = predictor.postprocess(images, cams, logits, inference.presence, truth)
@@ -56,3 +65,11 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     model.train(was_training)
     metrics = confusion.compute(config.evaluation.background)
     return {"miou": metrics.miou, "mdice": metrics.mdice, "cls_accuracy": 100.0 * correct / max(total, 1)}
+
+
+def _with_background_prior(masks: torch.Tensor, images: torch.Tensor, prior: BackgroundPriorConfig,
+                           background: int) -> torch.Tensor:
+    """``masks`` (B×H×W) with the dataset's bright pixels forced to ``background``."""
+    forced = [apply_background_prior(mask, pixels, prior.grey_threshold, prior.min_size, background)
+              for mask, pixels in zip(masks.to(torch.uint8).cpu().numpy(), to_uint8_images(images))]
+    return torch.from_numpy(np.stack(forced)).long().to(masks.device)
