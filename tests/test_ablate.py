@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from support import BCSS
 
 from construct.data.synthetic import generate_dataset
@@ -42,6 +43,11 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
         assert [record["iteration"] for record in run["curve"]] == [2, 4]  # periodic validation in the log
         assert {"miou", "cls_accuracy"} <= set(run["curve"][0])
         assert set(run["test"]) == {"predicted", "ground_truth"}
+        per_class = run["test"]["predicted"]["iou"]
+        assert list(per_class) == [*BCSS.names, BCSS.background_name]
+        present = [v for v in list(per_class.values())[:-1] if v is not None]
+        assert present and run["test"]["predicted"]["miou"] == pytest.approx(sum(present) / len(present))
+    assert "Test IoU per class, predicted presence" in table and "| " + " | ".join(BCSS.names) in table
     logged = [json.loads(line) for line in (out / "cls" / "seed0" / "log.jsonl").read_text().splitlines()]
     train_terms = {key for record in logged if record["kind"] == "train" for key in record}
     assert "struct" not in train_terms and "sim" not in train_terms  # only the loss weights differ between variants

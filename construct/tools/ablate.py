@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from construct.atomic import write_text_atomic
 from construct.cli import add_device_arguments, resolve_device, run_cli
 from construct.config import PAPER_SIM_OVERRIDES, Config, config_to_dict, load_config
 from construct.data.datasets import eval_dataset
@@ -31,6 +33,7 @@ from construct.errors import ConfigError, ConStructError
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.inference.predictor import Predictor
+from construct.metrics import SegmentationMetrics
 from construct.models.build import load_trained_model
 from construct.tools.prepare import prepare_inputs
 
@@ -83,14 +86,18 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, device) -> dict[s
                                  description=f"test {variant} seed {seed}")
     record = {
         "variant": variant, "seed": seed, "best_val_miou": result.best_miou, "best_iteration": result.best_iteration,
-        "test": {p: {"miou": m.miou, "mdice": m.mdice} for p, m in metrics.items()}, "tta": predictor.tta.describe(),
+        "test": {p: {"miou": m.miou, "mdice": m.mdice, "iou": per_class(m)} for p, m in metrics.items()},
+        "tta": predictor.tta.describe(),
         "curve": validation_curve(Path(config.work_dir)), "seconds": time.time() - started,
         "config": config_to_dict(config),
     }
-    partial = record_path.with_name(RESULT + ".tmp")  # a run killed while writing leaves no half record
-    partial.write_text(json.dumps(record), encoding="utf-8")
-    partial.replace(record_path)
+    write_text_atomic(record_path, json.dumps(record))  # a run killed while writing leaves no half record
     return record
+
+
+def per_class(metrics: SegmentationMetrics) -> dict[str, float | None]:
+    """Test IoU by class name (None where a class is absent from both masks and predictions)."""
+    return {name: None if math.isnan(value) else value for name, value in zip(metrics.class_names, metrics.iou)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -115,9 +122,28 @@ def write_table(runs: list[dict[str, Any]], path: Path, command: str) -> None:
         cells = [mean_std([r["best_val_miou"] for r in group])]
         cells += [mean_std([r["test"][p][k] for r in group]) for p in PROTOCOLS for k in ("miou", "mdice")]
         lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
+    lines += per_class_table(runs)
     total = sum(run["seconds"] for run in runs)
     lines += ["", f"Wall time: {total / 60:.1f} min for {len(runs)} runs (training + test evaluation).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def per_class_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Mean test IoU per class with predicted presence, for the runs that recorded it."""
+    recorded = [run for run in runs if "iou" in run["test"]["predicted"]]
+    if not recorded:
+        return []
+    names = list(recorded[0]["test"]["predicted"]["iou"])
+    lines = ["", "Test IoU per class, predicted presence (mean ± std over seeds):", "",
+             "| variant | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for variant in dict.fromkeys(run["variant"] for run in recorded):
+        group = [run["test"]["predicted"]["iou"] for run in recorded if run["variant"] == variant]
+        cells = []
+        for name in names:
+            values = [iou[name] for iou in group if iou[name] is not None]
+            cells.append(mean_std(values) if values else "–")
+        lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
