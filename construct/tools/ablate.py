@@ -124,7 +124,8 @@ def write_table(runs: list[dict[str, Any]], path: Path, command: str) -> None:
         lines.append(f"| {variant} | {len(group)} | " + " | ".join(cells) + " |")
     lines += per_class_table(runs)
     total = sum(run["seconds"] for run in runs)
-    lines += ["", f"Wall time: {total / 60:.1f} min for {len(runs)} runs (training + test evaluation).", ""]
+    lines += ["", f"Run time: {total / 60:.1f} min summed over {len(runs)} runs (training + test evaluation; "
+              "runs trained side by side with --jobs overlap in wall time).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
