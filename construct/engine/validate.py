@@ -1,5 +1,6 @@
 """Validation during training: mIoU and classification accuracy. The fast path maps CAMs to masks
-without TTA or CRF (then the dataset's background prior, as at test time); ``train.validation: full`` runs the whole inference pipeline instead."""
+without TTA or CRF, then applies the dataset's background prior as at test time;
+``train.validation: full`` runs the whole inference pipeline instead."""
 
 from __future__ import annotations
 
