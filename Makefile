@@ -9,21 +9,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench gpu-wheels gpu-check
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m construct.tools.demo
+	$(PY) -m construct_lab.demo
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m construct.tools.bench
+	$(PY) -m construct_lab.bench
 
 gpu-wheels:
 	rm -rf .whl

@@ -1,46 +1,14 @@
-"""Train ConStruct (one stage): python main.py --config configs/bcss.yaml --gpu 0."""
+"""Train ConStruct: python main.py --config configs/bcss.yaml --gpu 0 (the paper's command).
 
-from __future__ import annotations
+The same as ``construct-train``, plus the lab's preparation of a config's ``testbed`` section
+(synthetic tiles and tiny towers on first use), so the demo configs run from a fresh clone.
+"""
 
-import argparse
+from functools import partial
 
-from construct.cli import add_device_arguments, resolve_device, run_cli
-from construct.config import load_config
-from construct.engine.distributed import cleanup, init_distributed
-from construct.engine.trainer import train
-from construct.tools.prepare import prepare_inputs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train ConStruct with image-level labels. Writes config.yaml, latest.pth, best.pth and "
-        "log.jsonl to the config's work_dir. Multi-GPU: torchrun --nproc_per_node=N main.py --config ...",
-    )
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/ and docs/config.md)")
-    parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                        help="continue from a checkpoint (default PATH: <work_dir>/latest.pth)")
-    parser.add_argument("--overwrite", action="store_true", help="start again in a work_dir that already holds a run")
-    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.batch_size=4 data.root=/data/BCSS-WSSS")
-    add_device_arguments(parser)
-    return parser
-
-
-def main(args: argparse.Namespace) -> None:
-    config = load_config(args.config, args.opts)
-    resume = args.resume
-    if resume == "auto":
-        resume = f"{config.work_dir}/latest.pth"
-    dist_info = init_distributed(resolve_device(args))
-    try:
-        prepare_inputs(config, dist_info)
-        result = train(config, dist_info, resume=resume, overwrite=args.overwrite)
-    finally:
-        cleanup(dist_info)
-    if dist_info.is_main:
-        print(f"done: {result.iterations} iterations; best val mIoU {result.best_miou:.2f} at iteration "
-              f"{result.best_iteration}; checkpoints in {result.work_dir}")
-
+from construct.cli import run_cli
+from construct.commands.train import build_parser, main
+from construct_lab.prepare import prepare_inputs
 
 if __name__ == "__main__":
-    run_cli(main, build_parser())
+    run_cli(partial(main, prepare=prepare_inputs), build_parser())

@@ -26,12 +26,12 @@ _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 PAPER_SIM_OVERRIDES: tuple[str, ...] = ("loss.sim_views=image", "loss.sim_view_size=null", "loss.sim_max_pairs=0",
                                         "loss.sim_gradient=encoder")
 """The paper's L_sim as --opts: masked image views through CONCH at full size, every pair, gradient
-through the encoder (construct.tools.bench and construct.tools.ablate compare it with the default)."""
+through the encoder (construct_lab.bench and construct_lab.ablate compare it with the default)."""
 
 
 @dataclass
 class SyntheticConfig:
-    """Generate a synthetic dataset of the configured classes under ``data.root`` when it is missing."""
+    """A synthetic dataset of the configured classes, generated under ``data.root`` when it is missing."""
 
     train: int = 600
     """Number of training tiles (image-level labels in the file names)."""
@@ -45,7 +45,7 @@ class SyntheticConfig:
     """Colours and structure sizes: 'default' is the painter's own palette, 'variant' another stain
     at 1.3x magnification."""
     painter: Literal["classic", "noise", "glands"] = "classic"
-    """How tissue is drawn (construct/data/painters.py): 'classic' (the testbed's first painter), or
+    """How tissue is drawn (construct_lab/synthetic/painters.py): 'classic' (the testbed's first painter), or
     'noise' / 'glands', which draw the same classes with other shapes, layouts and colours; a
     dataset by a painter the towers were not pretrained on measures transfer."""
     textures: list[int] | None = None
@@ -57,6 +57,19 @@ class SyntheticConfig:
     """Name of the validation folder it writes (one of data.split_folders.val)."""
     alveoli: bool = False
     """White air spaces inside tissue, labelled background (as in lung)."""
+
+
+@dataclass
+class TestbedConfig:
+    """The offline testbed (demo, tests, ablation). The method never reads this section: the lab
+    (``python main.py`` through construct_lab.prepare) makes what it asks for before training."""
+
+    seed: int | None = None
+    """When set, model.conch.checkpoint and model.teacher.checkpoint are the testbed's tiny towers
+    (<folder>/pytorch_model.bin and <folder>/mit), pretrained offline with this seed on first use
+    (python -m construct_lab.pretrain_tiny); null = weights you provide, or random ones."""
+    dataset: SyntheticConfig | None = None
+    """When set, a synthetic dataset with these sizes is generated at data.root if missing."""
 
 
 @dataclass
@@ -126,8 +139,6 @@ class DataConfig:
     """Split used for model selection during training ('valid' is the same as 'val')."""
     num_workers: int = 4
     """DataLoader worker processes (0 = load in the main process)."""
-    synthetic: SyntheticConfig | None = None
-    """When set, a synthetic dataset with these sizes is generated at ``root`` if missing."""
     mpp: float = 0.25
     """Resolution of the training tiles in µm/px (BCSS-WSSS: 0.25); whole slides are resampled to it."""
 
@@ -166,10 +177,6 @@ class TeacherConfig:
 class ModelConfig:
     image_size: int = 224
     """Training tile size in pixels (a multiple of 16)."""
-    testbed_seed: int | None = None
-    """When set, model.conch.checkpoint and model.teacher.checkpoint are the testbed's tiny towers
-    (<folder>/pytorch_model.bin and <folder>/mit), pretrained offline with this seed on first use
-    (python -m construct.tools.pretrain_tiny); null = weights you provide, or random ones."""
     conch: ConchConfig = field(default_factory=ConchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
@@ -392,6 +399,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -593,16 +601,20 @@ def validate(config: Config, source: str) -> None:
             # Distilling a level that feeds no CAM cannot change the output (method.md §9.1).
             fail(f"model.distill_pairs[{i}]", f"student level {pair[0]} must be one of model.cam_levels {model.cam_levels} "
                  "(or set model.allow_unused_distill_levels)")
-    if model.testbed_seed is not None:
+    if config.testbed.seed is not None:
         conch_file = model.conch.checkpoint
         expected_teacher = None if conch_file is None else str(Path(conch_file).parent / "mit")
         if conch_file is None or Path(conch_file).name != "pytorch_model.bin":
-            fail("model.conch.checkpoint", "must be <testbed folder>/pytorch_model.bin when model.testbed_seed is set")
+            fail("model.conch.checkpoint", "must be <testbed folder>/pytorch_model.bin when testbed.seed is set")
         if model.teacher.checkpoint is None or Path(model.teacher.checkpoint) != Path(expected_teacher):
-            fail("model.teacher.checkpoint", f"must be {expected_teacher} (beside the testbed CONCH) when model.testbed_seed is set")
+            fail("model.teacher.checkpoint", f"must be {expected_teacher} (beside the testbed CONCH) when testbed.seed is set")
         if model.conch.preset != "tiny" or model.teacher.preset != "tiny":
-            fail("model.testbed_seed", "needs the tiny presets (model.conch.preset and model.teacher.preset: tiny)")
+            fail("testbed.seed", "needs the tiny presets (model.conch.preset and model.teacher.preset: tiny)")
     validate_dataset(config.data, fail)
+    dataset = config.testbed.dataset
+    if dataset is not None and dataset.val_folder not in config.data.split_folders.val:
+        fail("testbed.dataset.val_folder", f"'{dataset.val_folder}' is not one of data.split_folders.val "
+             f"{config.data.split_folders.val}")
     if model.prototypes_per_class < 1:
         fail("model.prototypes_per_class", "must be at least 1")
     if len(config.train.betas) != 2:
@@ -688,9 +700,6 @@ def validate_dataset(data: DataConfig, fail: typing.Callable[[str, str], None]) 
     for split in ("train", "val", "test"):
         if not getattr(data.split_folders, split):
             fail(f"data.split_folders.{split}", "must name at least one folder")
-    if data.synthetic is not None and data.synthetic.val_folder not in data.split_folders.val:
-        fail("data.synthetic.val_folder", f"'{data.synthetic.val_folder}' is not one of data.split_folders.val "
-             f"{data.split_folders.val}")
     prior = data.background_prior
     if prior is not None:
         if not 0 <= prior.grey_threshold < 255:

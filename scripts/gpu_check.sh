@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on a bare, offline GPU machine (README, "GPU check"):
 #
-#   bash scripts/gpu_check.sh [options of python -m construct.tools.gpu_check]
+#   bash scripts/gpu_check.sh [options of python -m construct_lab.gpu_check]
 #
 # Installs the wheels carried in .whl/ (made by `make gpu-wheels`) into $GPU_CHECK_SITE
 # (default /tmp/site) without dependencies or network, puts that folder first on PYTHONPATH (so
@@ -20,4 +20,4 @@ if ((${#wheels[@]})); then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "$PYTHON" -m construct.tools.gpu_check "$@"
+exec "$PYTHON" -m construct_lab.gpu_check "$@"

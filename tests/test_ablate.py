@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from support import BCSS
+from support import BCSS, DEMO_RANDOM
 
-from construct.data.synthetic import generate_dataset
-from construct.tools.ablate import build_parser, main
+from construct_lab.synthetic.tiles import generate_dataset
+from construct_lab.ablate import build_parser, main
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ablation_runner_writes_table_and_curves(tmp_path):
@@ -19,8 +18,8 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
     generate_dataset(root, n_train=16, n_val=3, n_test=3, seed=5, classes=BCSS, size=64)
     out = tmp_path / "ablation"
     args = build_parser().parse_args([
-        "--config", str(REPO / "configs" / "demo_random.yaml"), "--variants", "cls,full", "--seeds", "0",
-        "--out", str(out), "--device", "cpu", "--workers", "1", "--jobs", "2", "--opts", f"data.root={root}", "data.synthetic=null",
+        "--config", str(DEMO_RANDOM), "--variants", "cls,full", "--seeds", "0",
+        "--out", str(out), "--device", "cpu", "--workers", "1", "--jobs", "2", "--opts", f"data.root={root}", "testbed.dataset=null",
         "data.num_workers=0", "model.image_size=64", "train.batch_size=4", "train.max_iters=4", "train.eval_interval=2",
         "inference.batch_size=4", "inference.tta_factors=[1.0]",
     ])
@@ -28,7 +27,7 @@ def test_ablation_runner_writes_table_and_curves(tmp_path):
 
     table = (out / "ablation.md").read_text()
     assert "| cls | 0 |" in table and "| full | 0 |" in table
-    assert "Mean ± std over seeds" in table and "Command: `python -m construct.tools.ablate" in table
+    assert "Mean ± std over seeds" in table and "Command: `python -m construct_lab.ablate" in table
     assert "Test metrics with TTA intensity ×[1.0] + flip (2 passes) and dense CRF" in table
     assert (out / "curves.png").stat().st_size > 10_000
     runs = json.loads((out / "ablation.json").read_text())

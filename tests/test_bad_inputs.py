@@ -18,21 +18,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import BCSS
+from support import BCSS, DEMO_RANDOM, REPO
 
 from construct.checkpoint import FORMAT
 from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
-from construct.data.synthetic import generate_dataset
-from construct.data.synthetic_slide import write_synthetic_slide
+from construct_lab.synthetic.tiles import generate_dataset
+from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo_random.yaml"
 SIZE = 64
 
 
@@ -51,7 +49,7 @@ def clean_data(tmp_path_factory) -> Path:
 def trained_run(clean_data, tmp_path_factory) -> Path:
     """A 2-iteration run on the clean tiles: config.yaml + latest.pth for the inference scripts."""
     run = tmp_path_factory.mktemp("bad_inputs_run") / "run"
-    config = load_config(DEMO, [f"data.root={clean_data}", "data.synthetic=null", "data.num_workers=0",
+    config = load_config(DEMO_RANDOM, [f"data.root={clean_data}", "testbed.dataset=null", "data.num_workers=0",
                                 f"work_dir={run}", f"model.image_size={SIZE}", "train.batch_size=2",
                                 "train.max_iters=2", "inference.batch_size=2"])
     train(config, DistInfo(device=torch.device("cpu")))
@@ -74,10 +72,10 @@ def copy_data(clean: Path, tmp_path: Path) -> Path:
     return root
 
 
-def main_args(data_root: Path, work_dir: Path, *opts: str, config: Path = DEMO,
+def main_args(data_root: Path, work_dir: Path, *opts: str, config: Path = DEMO_RANDOM,
               flags: tuple[str, ...] = ("--device", "cpu")) -> list[str | Path]:
     """main.py on the tiny presets and 64 px tiles; later ``opts`` override the defaults."""
-    return ["main.py", "--config", config, *flags, "--opts", f"data.root={data_root}", "data.synthetic=null",
+    return ["main.py", "--config", config, *flags, "--opts", f"data.root={data_root}", "testbed.dataset=null",
             "data.num_workers=0", f"work_dir={work_dir}", f"model.image_size={SIZE}", "train.batch_size=2",
             "train.max_iters=2", "inference.batch_size=2", *opts]
 
@@ -202,7 +200,7 @@ def image_smaller_than_the_tile(tmp_path, request):
 @row
 def unknown_config_key(tmp_path, request):
     config = tmp_path / "typo.yaml"
-    config.write_text(f"_base_: {DEMO}\ntrain:\n  epoch: 1\n", encoding="utf-8")
+    config.write_text(f"_base_: {DEMO_RANDOM}\ntrain:\n  epoch: 1\n", encoding="utf-8")
     argv = main_args(tmp_path / "data", tmp_path / "run", config=config)
     return argv, [str(config), "unknown key 'train.epoch'", "did you mean 'train.epochs'?"]
 
@@ -210,7 +208,7 @@ def unknown_config_key(tmp_path, request):
 @row
 def wrong_value_type(tmp_path, request):
     argv = main_args(tmp_path / "data", tmp_path / "run", "train.batch_size=two")
-    return argv, [str(DEMO), "'train.batch_size' must be an integer, got 'two'"]
+    return argv, [str(DEMO_RANDOM), "'train.batch_size' must be an integer, got 'two'"]
 
 
 @row

@@ -15,7 +15,7 @@ import tifffile
 import torch
 import yaml
 from PIL import Image
-from support import BCSS, LUAD
+from support import BCSS, DEMO_RANDOM, LUAD, REPO
 
 from construct.checkpoint import load_checkpoint
 from construct.classes import ClassSet
@@ -23,15 +23,14 @@ from construct.config import load_config
 from construct.data.datasets import TrainDataset, eval_dataset, train_dataset
 from construct.data.io import read_mask, write_mask
 from construct.data.labels import parse_label, read_label_csv
-from construct.data.synthetic_slide import write_synthetic_slide
+from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import ConfigError, DataError
 from construct.inference.postprocess import apply_background_prior
 from construct.metrics import ConfusionMatrix
-from construct.tools.prepare import prepare_inputs
+from construct_lab.prepare import prepare_inputs
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 TRAINING = ["data.num_workers=0", "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8",
             "loss.sim_weight=0", "train.eval_interval=2"]
@@ -50,7 +49,7 @@ def write_yaml(path: Path, data: dict) -> Path:
 def luad_config(root: Path) -> Path:
     """The demo recipe (tiny random towers) on a LUAD-style synthetic set: spaced labels, valid/, alveoli."""
     return write_yaml(root / "luad.yaml", {
-        "_base_": [str(REPO / "configs/demo_random.yaml"), str(REPO / "configs/datasets/luad_histoseg.yaml")],
+        "_base_": [str(DEMO_RANDOM), str(REPO / "configs/datasets/luad_histoseg.yaml")],
         "work_dir": str(root / "run"),
         # TE, NEC, LYM, TAS drawn with the tumour, necrosis, lymphocyte and stroma textures
         "data": {"root": str(root / "data"), "synthetic": {"train": 8, "val": 2, "test": 3, "seed": 1,
@@ -61,7 +60,7 @@ def luad_config(root: Path) -> Path:
 def custom_config(root: Path) -> Path:
     """Three classes of one's own, labels in a CSV, background listed first in the masks."""
     return write_yaml(root / "custom.yaml", {
-        "_base_": str(REPO / "configs/demo_random.yaml"),
+        "_base_": str(DEMO_RANDOM),
         "work_dir": str(root / "run"),
         "data": {"name": "my-cohort", "classes": CUSTOM_CLASSES, "label_csv": "labels.csv",
                  "background": {"name": "GLASS", "color": [250, 250, 250], "index": 0},
@@ -172,7 +171,7 @@ def test_slide_outputs_name_the_dataset_classes(trained, tmp_path):
 
 def test_a_checkpoint_of_other_classes_is_refused_in_one_line(trained, tmp_path):
     run, classes = trained
-    result = run_script("evaluate_performance", "--config", REPO / "configs/demo_random.yaml", "--checkpoint",
+    result = run_script("evaluate_performance", "--config", DEMO_RANDOM, "--checkpoint",
                         run / "latest.pth", "--device", "cpu", "--no-tta", "--no-crf")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -230,7 +229,7 @@ def test_mask_value_above_the_class_count_names_the_file(tmp_path):
     ({"classes": CUSTOM_CLASSES, "background": {"index": 7}}, r"'data.background.index' must be a mask value in 0..3"),
 ])
 def test_bad_dataset_descriptions_fail_naming_the_key(tmp_path, change, key):
-    path = write_yaml(tmp_path / "bad.yaml", {"_base_": str(REPO / "configs/demo_random.yaml"), "data": change})
+    path = write_yaml(tmp_path / "bad.yaml", {"_base_": str(DEMO_RANDOM), "data": change})
     with pytest.raises(ConfigError, match=key) as info:
         load_config(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -16,17 +16,18 @@ import shapely
 import torch
 from shapely.geometry import shape
 
+from support import DEMO_RANDOM, REPO
+
 from construct.checkpoint import save_checkpoint
 from construct.classes import ClassSet
 from construct.config import load_config, save_config
 from construct.data.mask_tiff import MaskTiffWriter, read_level
-from construct.data.synthetic_slide import write_synthetic_slide
+from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.inference import cohort, regions
 from construct.inference.cohort import split_by_area
 from construct.inference.regions import RegionSettings, rasterize_regions, trace_level, write_regions
 from construct.models.build import build_model
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "visualization_utils" / "predict_slide.py"
 CLASSES = ClassSet.from_names(["TUM", "STR", "LYM", "NEC"], [(200, 0, 0), (0, 150, 0), (0, 0, 200), (150, 0, 150)])
 
@@ -112,7 +113,7 @@ def test_slides_are_split_by_area_deterministically():
 def tiny_run(tmp_path_factory) -> Path:
     """A config and a checkpoint of the tiny random model at 64-px tiles, reading slides at 2 µm/px."""
     root = tmp_path_factory.mktemp("cohort_run")
-    config = load_config(REPO / "configs" / "demo_random.yaml", [
+    config = load_config(DEMO_RANDOM, [
         "model.image_size=64", "inference.batch_size=8", "data.mpp=2.0", "inference.slide.window=128",
         "inference.presence_gate=0", "inference.slide.regions_min_area_um2=20"])
     save_config(config, root / "config.yaml")

@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from support import FIXTURES
+
 from construct.errors import CheckpointError, ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 
 # conch-fork (the oracle) imports a deprecated timm path; not our code
 pytestmark = pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning")
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 POS = "visual.trunk.pos_embed"
 TEXTS = [
     "Tumor (TUM) regions consist of malignant epithelial cells with pleomorphic, hyperchromatic nuclei.",

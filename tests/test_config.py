@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import DEMO, DEMO_RANDOM, REPO
+
 from construct.config import Config, config_to_dict, load_config, save_config
 from construct.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, data: dict) -> Path:
@@ -30,20 +31,20 @@ def test_shipped_configs_load():
     no_distill = load_config(REPO / "configs/bcss_no_distill.yaml")
     assert no_distill.loss.struct_weight == 0.0
     assert no_distill.train == bcss.train  # only what the override names changes
-    demo = load_config(REPO / "configs/demo_random.yaml")
+    demo = load_config(DEMO_RANDOM)
     assert demo.model.conch.checkpoint is None and demo.model.conch.preset == "tiny"
-    testbed = load_config(REPO / "configs/demo.yaml")
-    assert testbed.model.testbed_seed == 0 and testbed.model.teacher.checkpoint == "pretrained_models/testbed/seed0/mit"
+    testbed = load_config(DEMO)
+    assert testbed.testbed.seed == 0 and testbed.model.teacher.checkpoint == "pretrained_models/testbed/seed0/mit"
 
 
 @pytest.mark.parametrize("override, key", [
     ("model.teacher.checkpoint=elsewhere/mit", "model.teacher.checkpoint"),
     ("model.conch.checkpoint=pretrained_models/testbed/seed0/conch.pth", "model.conch.checkpoint"),
-    ("model.conch.preset=vit_b16", "model.testbed_seed"),
+    ("model.conch.preset=vit_b16", "testbed.seed"),
 ])
 def test_testbed_towers_must_be_the_testbed_layout(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(REPO / "configs/demo.yaml", [override])
+        load_config(DEMO, [override])
 
 
 def test_empty_file_asks_for_a_class_set(tmp_path):
@@ -106,12 +107,12 @@ def test_int_accepted_for_float_and_null_for_optional(tmp_path):
 def test_overrides_parse_yaml_scalars(tmp_path):
     path = write(tmp_path / "c.yaml", {"train": {"batch_size": 10}})
     config = load_config(path, ["train.batch_size=4", "data.root=/x", "model.conch.checkpoint=null",
-                                "inference.tta_factors=[1.0]", "data.synthetic.train=5"])
+                                "inference.tta_factors=[1.0]", "testbed.dataset.train=5"])
     assert config.train.batch_size == 4
     assert config.data.root == "/x"
     assert config.model.conch.checkpoint is None
     assert config.inference.tta_factors == [1.0]
-    assert config.data.synthetic is not None and config.data.synthetic.train == 5
+    assert config.testbed.dataset is not None and config.testbed.dataset.train == 5
 
 
 def test_override_errors(tmp_path):
@@ -177,6 +178,6 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_config_reference_is_current():
-    from construct.tools.config_reference import OUTPUT, render
+    from construct_lab.config_reference import OUTPUT, render
 
-    assert OUTPUT.read_text(encoding="utf-8") == render(), "run: python -m construct.tools.config_reference"
+    assert OUTPUT.read_text(encoding="utf-8") == render(), "run: python -m construct_lab.config_reference"

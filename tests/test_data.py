@@ -23,7 +23,7 @@ from construct.data import (
     write_image,
     write_mask,
 )
-from construct.data.synthetic import MANIFEST, generate_dataset, main, make_tile, tile_rng
+from construct_lab.synthetic.tiles import MANIFEST, generate_dataset, main, make_tile, tile_rng
 from construct.errors import DataError
 
 RNG = np.random.default_rng(0)

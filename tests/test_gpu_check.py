@@ -16,17 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from construct.tools.bench import VARIANTS
-from construct.tools.gpu_check.plan import check_config
-from construct.tools.gpu_check.runner import Check, PartError, run_logged
-from construct.tools.gpu_check.training import largest_batch, search_priority
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+from construct_lab.bench import VARIANTS
+from construct_lab.gpu_check.plan import check_config
+from construct_lab.gpu_check.runner import Check, PartError, run_logged
+from construct_lab.gpu_check.training import largest_batch, search_priority
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "construct.tools.gpu_check", *args], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "construct_lab.gpu_check", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from support import DEMO_RANDOM, HE_FIXTURE
+
 from construct.config import CrfConfig, load_config
 from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.data.io import read_image
@@ -20,14 +22,12 @@ from construct.inference.tiling import tile_starts, tiled_forward
 from construct.inference.tta import TtaSettings, intensity_tta, resize_tta, scaled_size
 from construct.models.build import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-HE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "he_cmu1_crop_768.png"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def config():
-    return load_config(REPO / "configs" / "demo_random.yaml", ["inference.batch_size=4"])
+    return load_config(DEMO_RANDOM, ["inference.batch_size=4"])
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_resize_tta_needs_the_unit_scale(model):
 
 @pytest.mark.parametrize("mode, tiles", [("intensity", (224, 224)), ("resize", None)])
 def test_predictor_runs_the_configured_tta_on_every_tile(model, mode, tiles):
-    config = load_config(REPO / "configs" / "demo_random.yaml", ["inference.batch_size=4", f"inference.tta={mode}"])
+    config = load_config(DEMO_RANDOM, ["inference.batch_size=4", f"inference.tta={mode}"])
     predictor = Predictor(model, config, CPU, tta=True, crf=False)
     assert predictor.tta.record() == {"mode": mode, "factors": [0.9, 1.0, 1.1], "flip": True, "forward_passes": 6}
     image = torch.rand(1, 3, 224, 224)

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import BCSS
+from support import BCSS, DEMO_RANDOM, REPO
 
 from construct.checkpoint import load_checkpoint
-from construct.data.synthetic import generate_dataset
+from construct_lab.synthetic.tiles import generate_dataset
 from construct.errors import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo_random.yaml"
 ITERATIONS = 8  # 8 tiles / batch 2 = 4 iterations per epoch: two epochs, validation at 4 and 8
 
 LAUNCHER = '''
@@ -79,8 +77,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_main(setup: dict[str, Path], work_dir: Path, *flags: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    args = ["main.py", "--config", str(DEMO), "--device", "cpu", *flags, "--opts", f"data.root={setup['data']}",
-            "data.synthetic=null", "data.num_workers=0", f"work_dir={work_dir}", "model.image_size=64",
+    args = ["main.py", "--config", str(DEMO_RANDOM), "--device", "cpu", *flags, "--opts", f"data.root={setup['data']}",
+            "testbed.dataset=null", "data.num_workers=0", f"work_dir={work_dir}", "model.image_size=64",
             "train.batch_size=2", f"train.max_iters={ITERATIONS}", "train.epochs=2",
             "train.checkpoint_interval=1", "train.log_interval=1", "inference.batch_size=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -1,5 +1,6 @@
-"""The package layout is the architecture: the method's layers import downwards only, the tools sit
-on top, there are no import circles, and every command-line entry point answers ``--help``."""
+"""The package layout is the architecture: the method's layers import downwards only, the user
+commands sit on top of the library, the lab (construct_lab) on top of both and never imported by
+them, there are no import circles, and every command-line entry point answers ``--help``."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "construct"
+from support import REPO
+
+PACKAGES = (REPO / "construct", REPO / "construct_lab")
 
 # Layers that must not reach up into the training engine or the applications.
 LOWER_LAYERS = ("construct.models", "construct.data", "construct.losses", "construct.inference")
-UPPER_LAYERS = ("construct.engine", "construct.tools")
+UPPER_LAYERS = ("construct.engine", "construct.commands", "construct_lab")
 
 ENTRY_POINTS = [
     ["main.py"],
@@ -23,15 +25,15 @@ ENTRY_POINTS = [
     ["visualization_utils/generate_cam.py"],
     ["visualization_utils/visualize_prototypes.py"],
     ["visualization_utils/predict_slide.py"],
-    ["-m", "construct.data.synthetic"],
-    ["-m", "construct.data.synthetic_slide"],
-    ["-m", "construct.tools.ablate"],
-    ["-m", "construct.tools.bench"],
-    ["-m", "construct.tools.bench_slide"],
-    ["-m", "construct.tools.demo"],
-    ["-m", "construct.tools.pretrain_tiny"],
-    ["-m", "construct.tools.config_reference"],
-    ["-m", "construct.tools.gpu_check"],
+    ["-m", "construct_lab.synthetic.tiles"],
+    ["-m", "construct_lab.synthetic.slide"],
+    ["-m", "construct_lab.ablate"],
+    ["-m", "construct_lab.bench"],
+    ["-m", "construct_lab.bench_slide"],
+    ["-m", "construct_lab.demo"],
+    ["-m", "construct_lab.pretrain_tiny"],
+    ["-m", "construct_lab.config_reference"],
+    ["-m", "construct_lab.gpu_check"],
 ]
 
 
@@ -60,7 +62,7 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    paths = sorted(PACKAGE.rglob("*.py"))
+    paths = sorted(path for package in PACKAGES for path in package.rglob("*.py"))
     known = {module_name(p) for p in paths}
     graph = {module_name(p): imported_modules(p, known) for p in paths}
     for name, targets in graph.items():
@@ -80,10 +82,21 @@ def test_lower_layers_never_import_engine_or_tools() -> None:
     assert offending == []
 
 
-def test_library_never_imports_tools() -> None:
+def test_library_never_imports_the_lab() -> None:
     offending = [f"{src} -> {dst}" for src, dsts in import_graph().items() for dst in dsts
-                 if not within(src, "construct.tools") and within(dst, "construct.tools")]
+                 if not within(src, "construct_lab") and within(dst, "construct_lab")]
     assert offending == []
+
+
+def test_library_never_imports_the_commands() -> None:
+    offending = [f"{src} -> {dst}" for src, dsts in import_graph().items() for dst in dsts
+                 if within(src, "construct") and not within(src, "construct.commands") and within(dst, "construct.commands")]
+    assert offending == []
+
+
+def test_no_synthetic_data_in_the_library() -> None:
+    names = [path.name for path in (REPO / "construct").rglob("*.py")]
+    assert not [name for name in names if "synthetic" in name or "painter" in name]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -112,7 +125,7 @@ def test_no_import_circle() -> None:
     # An import of a package stands for the submodules its __init__ re-exports, so a child that
     # imports a sibling through the package is not counted as a circle through __init__.
     graph = import_graph()
-    packages = {name for name in graph if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()}
+    packages = {name for name in graph if (REPO / name.replace(".", "/") / "__init__.py").is_file()}
     resolved = {src: {t for d in dsts for t in (graph[d] if d in packages else {d}) if t != src}
                 for src, dsts in graph.items() if src not in packages}
     assert find_cycle(resolved) is None

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import DEMO_RANDOM
+
 from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.models.build import build_model, build_teacher
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo_random.yaml"
 
 
 def tiny_config(*overrides: str):
-    return load_config(DEMO, ["model.image_size=64", *overrides])
+    return load_config(DEMO_RANDOM, ["model.image_size=64", *overrides])
 
 
 @pytest.fixture(scope="module")

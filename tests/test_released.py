@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import BCSS
+from support import BCSS, REPO
 
 from construct.config import load_config
 from construct.data.datasets import eval_dataset
-from construct.data.synthetic import generate_dataset
+from construct_lab.synthetic.tiles import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.objective import ConStructObjective
 from construct.engine.trainer import poly_lambda, train
@@ -24,7 +24,6 @@ from construct.inference.predictor import Predictor
 from construct.inference.tta import TtaSettings
 from construct.models.build import build_model, build_teacher, load_trained_model
 
-REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "bcss_released.yaml"
 # The released preset on the tiny random towers (the tiny CONCH has 4 blocks), at 64 px.
 TINY = ["model.conch.checkpoint=null", "model.conch.preset=tiny", "model.teacher.checkpoint=null",
@@ -65,7 +64,7 @@ def one_step(config, images, labels) -> dict[str, torch.Tensor]:
 
 
 def test_preset_trains_and_evaluates_with_tiny_towers(data_root, tmp_path):
-    config = tiny_config(f"data.root={data_root}", "data.synthetic=null", "data.num_workers=0", f"work_dir={tmp_path / 'run'}",
+    config = tiny_config(f"data.root={data_root}", "testbed.dataset=null", "data.num_workers=0", f"work_dir={tmp_path / 'run'}",
                          "train.batch_size=4", "train.max_iters=3", "train.eval_interval=3", "inference.batch_size=4")
     result = train(config, DistInfo(device=torch.device("cpu")))
     assert result.iterations == 3 and 0.0 <= result.best_miou <= 100.0

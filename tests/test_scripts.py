@@ -14,18 +14,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import BCSS
+from support import BCSS, DEMO_RANDOM, HE_FIXTURE, REPO
 
 from construct.cli import run_cli
 from construct.config import load_config
 from construct.data.io import read_mask
-from construct.data.synthetic import generate_dataset
+from construct_lab.synthetic.tiles import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "visualization_utils"
-HE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "he_cmu1_crop_768.png"
 METRICS = ("miou", "mdice", "fwiou", "pixel_accuracy")
 
 
@@ -34,8 +32,8 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, cls + struct losses) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("scripts")
     generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
-    config = load_config(REPO / "configs" / "demo_random.yaml", [
-        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
+    config = load_config(DEMO_RANDOM, [
+        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "testbed.dataset=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=4", "loss.sim_weight=0",
     ])
     train(config, DistInfo(device=torch.device("cpu")))
@@ -172,7 +170,7 @@ def test_help_mentions_every_option(name, capsys):
 
 def test_unavailable_gpu_is_a_one_line_error(tmp_path):
     missing = torch.cuda.device_count()  # one past the last CUDA device: never available
-    result = run_script("evaluate_performance", "--config", REPO / "configs" / "demo_random.yaml",
+    result = run_script("evaluate_performance", "--config", DEMO_RANDOM,
                         "--checkpoint", tmp_path / "none.pth", "--gpu", missing)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from support import DEMO_RANDOM
+
 from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.errors import ConfigError
@@ -15,11 +17,10 @@ from construct.losses import FgBgContrastiveLoss, info_nce
 from construct.models.build import build_model
 from construct.models.conch import load_conch
 
-RANDOM_TOWERS = Path(__file__).resolve().parents[1] / "configs" / "demo_random.yaml"
 
 
 def sim_objective(*overrides: str) -> ConStructObjective:
-    config = load_config(RANDOM_TOWERS, ["model.image_size=64", "loss.struct_weight=0", "loss.cls_weight=0", *overrides])
+    config = load_config(DEMO_RANDOM, ["model.image_size=64", "loss.struct_weight=0", "loss.cls_weight=0", *overrides])
     model = build_model(config)
     for adapter in model.adapters.values():  # leave the identity start so every adapter weight is on the path
         torch.nn.init.normal_(adapter.body[-1].weight, std=0.02)
@@ -147,7 +148,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 ])
 def test_bad_sim_settings_are_one_line_errors(override, key):
     with pytest.raises(ConfigError) as error:
-        load_config(RANDOM_TOWERS, ["loss.sim_views=tokens", override])
+        load_config(DEMO_RANDOM, ["loss.sim_views=tokens", override])
     message = str(error.value)
     assert key in message and "\n" not in message
 
@@ -172,4 +173,4 @@ def test_an_empty_view_is_left_out_of_its_term(views):
 
 def test_checkpointing_needs_the_encoder_gradient():
     with pytest.raises(ConfigError, match="loss.sim_checkpoint_chunk"):
-        load_config(RANDOM_TOWERS, ["loss.sim_views=image", "loss.sim_gradient=prototypes", "loss.sim_checkpoint_chunk=4"])
+        load_config(DEMO_RANDOM, ["loss.sim_views=image", "loss.sim_gradient=prototypes", "loss.sim_checkpoint_chunk=4"])

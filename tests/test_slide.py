@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from shapely.geometry import shape
-from support import BCSS
+from support import BCSS, DEMO_RANDOM, FIXTURES, REPO
 
 from construct.classes import ClassSet
 from construct.config import load_config
 from construct.data.io import read_image
 from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
 from construct.data.slide_reader import ArrayReader, OpenSlideReader
-from construct.data.synthetic import generate_dataset
-from construct.data.synthetic_slide import GLASS, SyntheticSlide, write_synthetic_slide
+from construct_lab.synthetic.tiles import generate_dataset
+from construct_lab.synthetic.slide import GLASS, SyntheticSlide, write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import DataError
@@ -38,8 +38,6 @@ from construct.inference.streaming import canvas_cell, predict_region, tile_offs
 from construct.inference.tissue import TissueMask, detect_tissue
 from construct.models.build import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SVS = FIXTURES / "cmu_small_region.svs"
 HE_CROP = FIXTURES / "he_cmu1_crop_768.png"
 CPU = torch.device("cpu")
@@ -48,7 +46,7 @@ SIZE = 64  # tile side of the in-process models
 
 def config_with(*opts: str):
     """The demo config (tiny presets) at 64-px tiles, with ``opts`` overrides."""
-    return load_config(REPO / "configs" / "demo_random.yaml", [f"model.image_size={SIZE}", "inference.batch_size=8", *opts])
+    return load_config(DEMO_RANDOM, [f"model.image_size={SIZE}", "inference.batch_size=8", *opts])
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +260,8 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-iteration demo run (tiny random backbones, 224 px) on 8/2/3 synthetic tiles."""
     root = tmp_path_factory.mktemp("slide_run")
     generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
-    config = load_config(REPO / "configs" / "demo_random.yaml", [
-        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "data.synthetic=null", "data.num_workers=0",
+    config = load_config(DEMO_RANDOM, [
+        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "testbed.dataset=null", "data.num_workers=0",
         "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8", "loss.sim_weight=0",
     ])
     train(config, DistInfo(device=CPU))

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCANNED = [REPO / "main.py", *sorted((REPO / "construct").rglob("*.py")),
+from support import REPO
+
+SCANNED = [REPO / "main.py", *sorted((REPO / "construct").rglob("*.py")), *sorted((REPO / "construct_lab").rglob("*.py")),
            *sorted((REPO / "visualization_utils").rglob("*.py")), *sorted((REPO / "tests").rglob("*.py"))]
 
 

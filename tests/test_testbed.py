@@ -9,12 +9,12 @@ import pytest
 import torch
 from support import BCSS
 
-from construct.data.synthetic import PAINTERS, STYLES, generate_dataset, make_tile, paint
+from construct_lab.synthetic.tiles import PAINTERS, STYLES, generate_dataset, make_tile, paint
 from construct.errors import ConfigError, DataError
 from construct.models.conch import load_conch
 from construct.models.segformer import load_mit_teacher
-from construct.tools.testbed.premises import pure_tiles, zero_shot_accuracy
-from construct.tools.testbed.pretrain import Budget, ensure_testbed, pretrain_conch, read_manifest, tower_paths
+from construct_lab.testbed.premises import pure_tiles, zero_shot_accuracy
+from construct_lab.testbed.pretrain import Budget, ensure_testbed, pretrain_conch, read_manifest, tower_paths
 
 TINY = Budget(conch_steps=2, conch_batch=6, conch_size=32, pure_per_class=2, mixed_tiles=2,
               teacher_steps=2, teacher_batch=2, teacher_size=64, held_out=2)

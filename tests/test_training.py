@@ -10,19 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import BCSS
+from support import BCSS, DEMO_RANDOM, REPO
 
 import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
 from construct.checkpoint import load_checkpoint
 from construct.config import load_config
-from construct.data.synthetic import generate_dataset
+from construct_lab.synthetic.tiles import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 from construct.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo_random.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +31,8 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def small_config(data_root: Path, work_dir: Path, *overrides: str):
-    return load_config(DEMO, [
-        f"data.root={data_root}", "data.synthetic=null", "data.num_workers=0", f"work_dir={work_dir}",
+    return load_config(DEMO_RANDOM, [
+        f"data.root={data_root}", "testbed.dataset=null", "data.num_workers=0", f"work_dir={work_dir}",
         "model.image_size=64", "train.batch_size=4", "train.max_iters=6", "train.eval_interval=3",
         "train.log_interval=1", "inference.batch_size=4", *overrides,
     ])
@@ -214,21 +212,21 @@ def run_main(*args: str, env_extra: dict | None = None) -> subprocess.CompletedP
 
 
 def test_main_cli_errors_are_one_line(tmp_path):
-    result = run_main("main.py", "--config", str(DEMO), "--device", "cpu", "--opts", "train.bach_size=2")
+    result = run_main("main.py", "--config", str(DEMO_RANDOM), "--device", "cpu", "--opts", "train.bach_size=2")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {DEMO} with --opts: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)"
+        f"error: {DEMO_RANDOM} with --opts: unknown key 'train.bach_size' (did you mean 'train.batch_size'?)"
     ]
-    result = run_main("main.py", "--config", str(DEMO), "--gpu", "0")
+    result = run_main("main.py", "--config", str(DEMO_RANDOM), "--gpu", "0")
     assert result.returncode == 2 and "no usable CUDA device" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_two_process_gloo_training(data_root, tmp_path):
     work_dir = tmp_path / "ddp"
     result = run_main(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", "--config", str(DEMO),
-        "--device", "cpu", "--opts", f"data.root={data_root}", "data.synthetic=null", "data.num_workers=0",
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", "--config", str(DEMO_RANDOM),
+        "--device", "cpu", "--opts", f"data.root={data_root}", "testbed.dataset=null", "data.num_workers=0",
         f"work_dir={work_dir}", "model.image_size=64", "train.batch_size=2", "train.max_iters=3",
         "train.eval_interval=3", "inference.batch_size=4",
     )

@@ -33,8 +33,8 @@ import torch
 
 from construct.cli import add_device_arguments, resolve_device, run_cli
 from construct.errors import ConStructError
-from construct.tools.gpu_check.plan import CONFIGS, REPO, Plan, check_config, nccl_version, usable_cpus, write_json
-from construct.tools.gpu_check.report import projection, render_markdown
+from construct_lab.gpu_check.plan import CONFIGS, REPO, Plan, check_config, nccl_version, usable_cpus, write_json
+from construct_lab.gpu_check.report import projection, render_markdown
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def _driver_version() -> str | None:
 
 def describe_environment(device: torch.device) -> dict[str, Any]:
     """GPU, versions, CPU cores; fails (after recording all of it) when a dependency does not import."""
-    from construct.tools.bench import machine_description
+    from construct_lab.bench import machine_description
 
     env: dict[str, Any] = {
         "machine": machine_description(device), "python": platform.python_version(), "torch": torch.__version__,
@@ -221,8 +221,8 @@ class Check:
         self.data_process: subprocess.Popen | None = None
         self.data_started = 0.0
         self.report: dict[str, Any] = {
-            "check": "construct.tools.gpu_check", "version": 1, "date": datetime.date.today().isoformat(),
-            "command": "python -m construct.tools.gpu_check " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+            "check": "construct_lab.gpu_check", "version": 1, "date": datetime.date.today().isoformat(),
+            "command": "python -m construct_lab.gpu_check " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
             "dry_run": self.dry_run, "device": str(device), "budget_s": self.budget, "parts": {},
         }
 
@@ -274,7 +274,7 @@ class Check:
         plan.write(plan_path)
         result_path = Path(plan.result_path)
         result_path.unlink(missing_ok=True)
-        command = [*(launcher or [sys.executable, "-m"]), "construct.tools.gpu_check", "--child", name, "--plan", str(plan_path)]
+        command = [*(launcher or [sys.executable, "-m"]), "construct_lab.gpu_check", "--child", name, "--plan", str(plan_path)]
         try:
             run_logged(command, self.logs / f"{name}.log", limit, self.env)
         except PartError as exc:
@@ -296,7 +296,7 @@ class Check:
         """Generate the synthetic tiles in the background while the GPU measures training steps."""
         tiles = SYNTHETIC_TILES[self.dry_run]
         size = check_config(self.dry_run).model.image_size
-        command = [sys.executable, "-m", "construct.data.synthetic", "--out", str(self.data_root), "--train",
+        command = [sys.executable, "-m", "construct_lab.synthetic.tiles", "--out", str(self.data_root), "--train",
                    str(tiles["train"]), "--val", str(tiles["val"]), "--test", str(tiles["test"]), "--seed", "0",
                    "--size", str(size)]
         log = open(self.logs / "data.log", "w", encoding="utf-8")  # noqa: SIM115 - the child owns it until it exits
@@ -447,8 +447,8 @@ class Check:
 
 
 def _run_child(name: str, plan_path: str) -> None:
-    from construct.tools.gpu_check.evaluation import run_evaluation
-    from construct.tools.gpu_check.training import run_ddp, run_loader, run_match, run_training_bench
+    from construct_lab.gpu_check.evaluation import run_evaluation
+    from construct_lab.gpu_check.training import run_ddp, run_loader, run_match, run_training_bench
 
     children = {"train_bench": run_training_bench, "train_match": run_match, "loader": run_loader,
                 "eval": run_evaluation, "torchrun": run_ddp}
@@ -457,8 +457,8 @@ def _run_child(name: str, plan_path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m construct.tools.gpu_check",
-        description=(sys.modules["construct.tools.gpu_check"].__doc__ or "").strip(),
+        prog="python -m construct_lab.gpu_check",
+        description=(sys.modules["construct_lab.gpu_check"].__doc__ or "").strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="work_dirs/gpu_check",

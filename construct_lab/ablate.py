@@ -1,6 +1,6 @@
 """Ablation runner: train loss-term variants over seeds, test each best checkpoint, tabulate and plot.
 
-    python -m construct.tools.ablate --config configs/demo.yaml --variants cls,cls+struct,cls+sim,full --seeds 0,1,2
+    python -m construct_lab.ablate --config configs/demo.yaml --variants cls,cls+struct,cls+sim,full --seeds 0,1,2
 
 Variants are config overrides of the loss terms (same data, same seeds): the four loss-term
 variants, and settings of L_sim's open choices on top of the full loss. Each run trains
@@ -35,7 +35,7 @@ from construct.inference.postprocess import PROTOCOLS
 from construct.inference.predictor import Predictor
 from construct.metrics import SegmentationMetrics
 from construct.models.build import load_trained_model
-from construct.tools.prepare import prepare_inputs
+from construct_lab.prepare import prepare_inputs
 
 VARIANT_OVERRIDES: dict[str, list[str]] = {
     "cls": ["loss.struct_weight=0", "loss.sim_weight=0"],
@@ -210,7 +210,7 @@ def run_in_parallel(args: argparse.Namespace, device) -> None:
         while pending and len(running) < args.jobs:
             variant, seed = pending.pop(0)
             name = f"{variant}-seed{seed}"
-            command = [sys.executable, "-m", "construct.tools.ablate", "--config", str(args.config), "--variants", variant,
+            command = [sys.executable, "-m", "construct_lab.ablate", "--config", str(args.config), "--variants", variant,
                        "--seeds", str(seed), "--out", str(args.out), "--single-run", *device_args,
                        *(["--workers", str(args.workers)] if args.workers else []), *(["--opts", *args.opts] if args.opts else [])]
             with open(logs / f"{name}.log", "w", encoding="utf-8") as log:
@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> None:
     runs = [run_one(args, variant, seed, device) for variant in args.variants for seed in args.seeds]
     if args.single_run:
         return
-    command = "python -m construct.tools.ablate --config {} --variants {} --seeds {}{}".format(
+    command = "python -m construct_lab.ablate --config {} --variants {} --seeds {}{}".format(
         args.config, ",".join(args.variants), ",".join(map(str, args.seeds)),
         (" --opts " + " ".join(args.opts)) if args.opts else "")
     (args.out / "ablation.json").write_text(json.dumps([{k: v for k, v in run.items() if k != "config"} for run in runs],

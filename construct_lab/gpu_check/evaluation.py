@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from construct.config import config_to_dict
-from construct.tools.bench import synchronize
-from construct.tools.gpu_check.plan import Plan, check_config
+from construct_lab.bench import synchronize
+from construct_lab.gpu_check.plan import Plan, check_config
 
 
 def run_evaluation(plan: Plan) -> bool:

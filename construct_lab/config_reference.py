@@ -2,7 +2,7 @@
 
 Each key's line comes from its type annotation, its default and the docstring that follows the
 field in construct/config.py, so the reference cannot drift from the code (a test checks it).
-Run ``python -m construct.tools.config_reference`` to rewrite docs/config.md.
+Run ``python -m construct_lab.config_reference`` to rewrite docs/config.md.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import typing
 from pathlib import Path
 
 from construct import config as config_module
+from construct_lab.paths import REPO
 
-OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+OUTPUT = REPO / "docs" / "config.md"
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -77,7 +78,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from `construct/config.py` by `python -m construct.tools.config_reference`; do not edit by hand.",
+        "Generated from `construct/config.py` by `python -m construct_lab.config_reference`; do not edit by hand.",
         "Every key is read by the code; an unknown key is an error. Override any key on the command line",
         "with `--opts key=value` (values parsed as YAML). A config may start with `_base_: other.yaml`",
         "to inherit another file and change only some keys.",
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         current = OUTPUT.is_file() and OUTPUT.read_text(encoding="utf-8") == render()
-        print(f"{OUTPUT}: {'up to date' if current else 'out of date (run python -m construct.tools.config_reference)'}")
+        print(f"{OUTPUT}: {'up to date' if current else 'out of date (run python -m construct_lab.config_reference)'}")
         return 0 if current else 1
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(render(), encoding="utf-8")

@@ -1,14 +1,14 @@
 """Pretrain the testbed's tiny CONCH and tiny MiT offline, then print their premise measurements.
 
-    python -m construct.tools.pretrain_tiny --out pretrained_models/testbed/seed0 --seed 0
+    python -m construct_lab.pretrain_tiny --out pretrained_models/testbed/seed0 --seed 0
 
 Writes ``pytorch_model.bin`` (tiny CONCH, official key layout), ``mit/`` (tiny MiT, Hugging Face
 folder) and ``testbed.json`` (seed, budget, premises) into ``--out``; a second run with the same
 seed reuses them. configs/demo.yaml points at these files and pretrains them on first use (with
 the default budget: a folder made with --budget overrides is not the one the demo expects).
 ``--budget painters=noise,glands`` pretrains without the classic painter (any subset of
-construct.data.synthetic.PAINTERS), so that the printed premises on the left-out painter measure
-transfer to tissue drawn another way. What is trained on what, and why: construct/tools/testbed/pretrain.py.
+construct_lab.synthetic.tiles.PAINTERS), so that the printed premises on the left-out painter measure
+transfer to tissue drawn another way. What is trained on what, and why: construct_lab/testbed/pretrain.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from construct.classes import ClassSet
 from construct.cli import run_cli
 from construct.config import load_config
 from construct.errors import ConfigError
-from construct.tools.testbed.premises import format_premises
-from construct.tools.testbed.pretrain import MANIFEST, Budget, ensure_testbed
+from construct_lab.testbed.premises import format_premises
+from construct_lab.testbed.pretrain import MANIFEST, Budget, ensure_testbed
 
 
 def main(args: argparse.Namespace) -> None:
@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m construct.tools.pretrain_tiny", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m construct_lab.pretrain_tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the pretrained towers (created)")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0)")

@@ -1,8 +1,8 @@
 """GPU-check children that train: step throughput and peak memory of every bench variant on the
 eager and the fast path, the two paths' losses over the same batches, and DDP.
 
-All reuse construct.tools.bench's objective, random batch and step, so they time exactly what
-``python -m construct.tools.bench`` times. The fast path (``train.fast_path``) needs CUDA; in a
+All reuse construct_lab.bench's objective, random batch and step, so they time exactly what
+``python -m construct_lab.bench`` times. The fast path (``train.fast_path``) needs CUDA; in a
 CPU dry run its rows run the eager step with the deferred non-finite check, as main.py would.
 """
 
@@ -23,8 +23,8 @@ import torch
 
 from construct.config import config_to_dict
 from construct.engine.guard import FiniteLossGuard
-from construct.tools.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
-from construct.tools.gpu_check.plan import Plan, check_config, nccl_version, reserved_memory_mib, reset_peak_memory
+from construct_lab.bench import VARIANTS, peak_memory_mib, synchronize, training_batch, training_objective, training_step
+from construct_lab.gpu_check.plan import Plan, check_config, nccl_version, reserved_memory_mib, reset_peak_memory
 
 
 def largest_batch(peak_mib: Callable[[int], float | None], limit_mib: float, known: dict[int, float],

@@ -1,6 +1,6 @@
 """The offline CPU demo: the commands a user would type, run one after another.
 
-``python -m construct.tools.demo`` (or ``make demo``) trains configs/demo.yaml — tiny random frozen
+``python -m construct_lab.demo`` (or ``make demo``) trains configs/demo.yaml — tiny random frozen
 backbones on synthetic BCSS-format tiles generated on first use — then evaluates the test split
 with CRF under both presence protocols, exports masks and overlays for a few test images and
 draws one prototype figure. Each step is printed as the command it runs, so the demo doubles as
@@ -22,8 +22,8 @@ import numpy as np
 from construct.classes import ClassSet
 from construct.config import load_config
 from construct.data.io import read_mask
+from construct_lab.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 

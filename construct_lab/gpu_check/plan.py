@@ -15,14 +15,13 @@ import torch
 
 from construct.atomic import write_text_atomic
 from construct.config import Config, load_config
-
-REPO = Path(__file__).resolve().parents[3]
+from construct_lab.paths import REPO
 
 # The config file main.py and the children run, and the overrides that make it run offline:
 # real-size random towers (the GPU check) or the demo's tiny towers on 64-px tiles (the CPU dry run).
 CONFIGS: dict[bool, tuple[str, list[str]]] = {
     False: ("configs/bcss.yaml", ["model.conch.checkpoint=null", "model.teacher.checkpoint=null"]),
-    True: ("configs/demo_random.yaml", ["data.synthetic=null", "model.image_size=64"]),
+    True: ("configs/demo_random.yaml", ["testbed.dataset=null", "model.image_size=64"]),
 }
 
 

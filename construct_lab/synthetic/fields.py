@@ -2,7 +2,7 @@
 
 :class:`Style` is one "lab" (stain colours and a size factor); the fields are smooth Gaussian
 noise, cellular noise (nuclei at jittered grid points) and colour blending, shared by every
-painter (construct.data.synthetic, construct.data.painters).
+painter (construct_lab.synthetic.tiles, construct_lab.synthetic.painters).
 """
 
 from __future__ import annotations

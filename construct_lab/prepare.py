@@ -15,9 +15,9 @@ from construct.engine.distributed import DistInfo, barrier
 
 def prepare_inputs(config: Config, dist_info: DistInfo) -> None:
     """Generate the configured synthetic dataset and pretrain the testbed towers, if either is missing."""
-    synthetic = config.data.synthetic
+    synthetic = config.testbed.dataset
     if synthetic is not None and dist_info.is_main:
-        from construct.data.synthetic import Layout, generate_dataset
+        from construct_lab.synthetic.tiles import Layout, generate_dataset
 
         layout = Layout(textures=None if synthetic.textures is None else tuple(synthetic.textures),
                         label_format="csv" if config.data.label_csv else synthetic.label_format,
@@ -26,9 +26,9 @@ def prepare_inputs(config: Config, dist_info: DistInfo) -> None:
         generate_dataset(config.data.root, synthetic.train, synthetic.val, synthetic.test, synthetic.seed,
                          ClassSet.from_config(config), size=config.model.image_size, style=synthetic.style,
                          layout=layout, painter=synthetic.painter)
-    if config.model.testbed_seed is not None and dist_info.is_main:
-        from construct.tools.testbed.pretrain import ensure_testbed
+    if config.testbed.seed is not None and dist_info.is_main:
+        from construct_lab.testbed.pretrain import ensure_testbed
 
-        ensure_testbed(Path(config.model.conch.checkpoint).parent, config.model.testbed_seed,
+        ensure_testbed(Path(config.model.conch.checkpoint).parent, config.testbed.seed,
                        prompts=list(ClassSet.from_config(config).prompts))
     barrier(dist_info)

@@ -1,6 +1,6 @@
 """Synthetic tile datasets for demos and tests (no real slides needed), in the layout of a dataset preset.
 
-The ``classic`` painter is described here; construct.data.painters holds others that draw the
+The ``classic`` painter is described here; construct_lab.synthetic.painters holds others that draw the
 same textures another way (``--painter``), for testing transfer to tissue a model never saw.
 
 Each tile hides a texture mask made of 1–4 tissue regions (warped Voronoi cells, so regions are
@@ -24,7 +24,7 @@ drawn from its own numpy Generator seeded by (seed, split, index), so a tile doe
 on the other splits' sizes. The dataset is built in a hidden sibling folder and renamed into
 place at the end, so an interrupted run never leaves a half-made dataset at ``out``.
 
-    python -m construct.data.synthetic --out data/synthetic --train 1000 --val 200 --test 200 --seed 0 \
+    python -m construct_lab.synthetic.tiles --out data/synthetic --train 1000 --val 200 --test 200 --seed 0 \
         [--dataset configs/datasets/luad_histoseg.yaml --spaced-labels --val-folder valid --alveoli]
 """
 
@@ -45,9 +45,10 @@ import numpy as np
 
 from construct.classes import ClassSet
 from construct.data.io import write_image, write_mask
-from construct.data.painters import PAINTERS as EXTRA_PAINTERS
-from construct.data.synthetic_fields import GLASS, STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
+from construct_lab.synthetic.painters import PAINTERS as EXTRA_PAINTERS
+from construct_lab.synthetic.fields import GLASS, STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
 from construct.errors import ConStructError, DataError
+from construct_lab.paths import REPO
 
 MANIFEST = "synthetic.json"
 _VERSION = 1  # bump when the images change, so an old dataset no longer counts as complete
@@ -56,7 +57,6 @@ _SLIDE_GRID = 8  # 8×8 tiles per fake slide, only for plausible file names
 _TILES_PER_SLIDE = _SLIDE_GRID**2
 TEXTURE_NAMES = ("tumour", "stroma", "lymphocytes", "necrosis")
 """The generator's tissue textures, by texture index; index 4 (GLASS) is glass (background)."""
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATASET = REPO / "configs" / "datasets" / "bcss_wsss.yaml"
 
 def _tumour(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, size: int, style: Style) -> np.ndarray:
@@ -141,7 +141,7 @@ PAINTERS: dict[str, Painter] = {
     "classic": Painter(_region_mask, _TEXTURES, STYLES["default"], stain_sd=0.025),
     **EXTRA_PAINTERS,
 }
-"""Every way of drawing tissue, by name: ``classic`` (described above) and those of construct.data.painters."""
+"""Every way of drawing tissue, by name: ``classic`` (described above) and those of construct_lab.synthetic.painters."""
 
 
 def get_painter(name: str) -> Painter:
@@ -311,7 +311,7 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
     if layout.label_format not in ("bits", "spaced", "csv"):
         raise DataError(f"unknown label format {layout.label_format!r}; expected bits, spaced or csv")
     textures = layout.textures_for(classes)
-    manifest = {"generator": "construct.data.synthetic", "version": _VERSION, "seed": seed, "size": size, **counts}
+    manifest = {"generator": "construct_lab.synthetic.tiles", "version": _VERSION, "seed": seed, "size": size, **counts}
     if style != "default":  # default manifests predate styles and stay valid
         manifest["style"] = style
     if painter != "classic":
@@ -363,7 +363,7 @@ def generate_dataset(out: str | Path, n_train: int, n_val: int, n_test: int, see
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m construct.data.synthetic",
+        prog="python -m construct_lab.synthetic.tiles",
         description=(
             "Generate a synthetic H&E-like dataset with the classes of a dataset preset (default BCSS-WSSS): "
             "OUT/train/*.png with labels in the names (e.g. ...+0[1101].png) or in a CSV, OUT/val/{img,mask}/*.png "
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                              "structures) to check that a recipe is not tuned to one look")
     parser.add_argument("--painter", choices=sorted(PAINTERS), default="classic",
                         help="how regions and textures are drawn: 'classic' (default), or another painter "
-                             "(construct/data/painters.py) to test transfer to tissue drawn another way")
+                             "(construct_lab/synthetic/painters.py) to test transfer to tissue drawn another way")
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, metavar="YAML",
                         help="config or dataset preset whose data.classes and data.background the tiles get "
                         f"(default: {DEFAULT_DATASET.relative_to(REPO)})")

@@ -8,13 +8,13 @@
   classes are all positives of each other (with only five classes, most of a batch would
   otherwise be false negatives). Saved as ``pytorch_model.bin`` with the official keys
   (``visual.*``, ``text.*``, ``logit_scale``).
-- Tiny MiT: dense texture-family labelling of random-colour images (construct.tools.testbed.textures),
+- Tiny MiT: dense texture-family labelling of random-colour images (construct_lab.testbed.textures),
   a task that shares nothing with the four tissue classes, as ImageNet shares nothing with BCSS.
   Saved as a Hugging Face folder (``config.json`` + ``model.safetensors``).
 
 Every image is drawn with generator seeds tagged apart from the BCSS-format splits (tags 0–2), so
 pretraining never sees a train, validation or test tile. CONCH's images come from several
-painters (construct.data.synthetic.PAINTERS: structurally different ways of drawing the same
+painters (construct_lab.synthetic.tiles.PAINTERS: structurally different ways of drawing the same
 classes; ``Budget.painters`` picks them, so one can be held out), each tile with its palette and
 structure size randomised, and stain, scale and flip augmentation on top: the towers should learn
 the classes, not one painter. The files are built in a hidden folder and renamed into place
@@ -40,15 +40,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
+from construct_lab.synthetic.tiles import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
-from construct.tools.testbed.augment import stain_jitter
-from construct.tools.testbed.captions import caption
-from construct.tools.testbed.premises import measure_premises
-from construct.tools.testbed.seeds import MIXED_TAG, PURE_TAG, TEXTURE_TAG, tagged_rng
-from construct.tools.testbed.textures import FAMILIES, HUE_BANDS, make_texture_image
+from construct_lab.testbed.augment import stain_jitter
+from construct_lab.testbed.captions import caption
+from construct_lab.testbed.premises import measure_premises
+from construct_lab.testbed.seeds import MIXED_TAG, PURE_TAG, TEXTURE_TAG, tagged_rng
+from construct_lab.testbed.textures import FAMILIES, HUE_BANDS, make_texture_image
 
 VERSION = 2  # 2: several painters, per-tile palette and scale randomisation, stronger stain jitter
 CONCH_FILE = "pytorch_model.bin"
@@ -80,10 +80,10 @@ class Budget:
     held_out: int = 16
     """Held-out tiles per premise measurement (mixed tiles; class-pure tiles per class)."""
     painters: str = ",".join(PAINTERS)
-    """Comma-separated painters (construct.data.synthetic.PAINTERS) whose tissue CONCH is pretrained
+    """Comma-separated painters (construct_lab.synthetic.tiles.PAINTERS) whose tissue CONCH is pretrained
     on; leave one out to measure transfer to tissue drawn another way."""
     stain: float = 0.35
-    """Strength of the stain jitter (construct.tools.testbed.augment.stain_jitter)."""
+    """Strength of the stain jitter (construct_lab.testbed.augment.stain_jitter)."""
 
     def painter_names(self) -> list[str]:
         names = [name.strip() for name in self.painters.split(",") if name.strip()]
@@ -278,7 +278,7 @@ def pretrain_teacher(seed: int, budget: Budget, log: Callable[[str], None] = pri
 
 
 def _manifest(seed: int, budget: Budget, prompts: Sequence[str]) -> dict[str, Any]:
-    return {"generator": "construct.tools.testbed", "version": VERSION, "seed": seed, "budget": asdict(budget),
+    return {"generator": "construct_lab.testbed", "version": VERSION, "seed": seed, "budget": asdict(budget),
             "prompts": list(prompts)}
 
 

@@ -1,5 +1,5 @@
 """Two more painters of synthetic tissue, each drawn another way than the classic one
-(construct.data.synthetic), so that transfer to tissue a model never saw can be measured.
+(construct_lab.synthetic.tiles), so that transfer to tissue a model never saw can be measured.
 
 The classes keep what a pathologist would name them by (TUM: large purple nuclei; STR: pink
 fibres with spindle nuclei; LYM: small dark round nuclei packed densely; NEC: pale tissue with
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from construct.data.synthetic_fields import GLASS, Painter, Style, blob_field, cells, gaussian_filter, mix, smooth_noise
+from construct_lab.synthetic.fields import GLASS, Painter, Style, blob_field, cells, gaussian_filter, mix, smooth_noise
 
 MIN_REGION = 0.04
 """Regions smaller than this share of the tile are merged away: regions, not confetti."""

@@ -86,7 +86,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if bench.get("variants"):
         limit = bench.get("memory_limit_mib", 0) / 1024
         lines += [
-            f"Training steps (random batches, no data loading; `construct.tools.bench` step code). Peak memory is "
+            f"Training steps (random batches, no data loading; `construct_lab.bench` step code). Peak memory is "
             f"{'CUDA max allocated (max reserved beside it)' if bench.get('bf16') else 'the process peak RSS'}; "
             f"the largest batch is the largest whose peak allocated stays within {limit:.0f} GiB.",
             "",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from construct.data.synthetic import GLASS
+from construct_lab.synthetic.tiles import GLASS
 
 # Paraphrases of each generator texture (tumour, stroma, lymphocytes, necrosis, glass), in the
 # vocabulary of the BCSS-WSSS prompts that the demo gives those textures.

@@ -1,6 +1,6 @@
 """Speed and memory of the real-size architectures (random weights), written to docs/benchmarks.md.
 
-    python -m construct.tools.bench --device cpu          # or --device cuda:0 (bf16 autocast)
+    python -m construct_lab.bench --device cpu          # or --device cuda:0 (bf16 autocast)
 
 Measures (a) training throughput and peak memory at batch 10 for cls, cls+struct and
 the full loss with each L_sim setting (default and the paper's); (b) inference throughput with and without TTA and CRF, and the CRF with one
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from construct.config import PAPER_SIM_OVERRIDES
+from construct_lab.paths import REPO
 
 if TYPE_CHECKING:
     from construct.config import Config
 
-REPO = Path(__file__).resolve().parents[2]
 REPORT = REPO / "docs" / "benchmarks.md"
 PAPER_SIM = list(PAPER_SIM_OVERRIDES)
 VARIANTS = {
@@ -158,7 +158,7 @@ def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, 
 def bench_inference(device: torch.device, images_count: int) -> dict[str, Any]:
     import numpy as np
 
-    from construct.data.synthetic import make_tile
+    from construct_lab.synthetic.tiles import make_tile
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
 
@@ -205,7 +205,7 @@ def machine_description(device: torch.device) -> str:
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
-    output = subprocess.run([sys.executable, "-m", "construct.tools.bench", *args], cwd=REPO, check=True,
+    output = subprocess.run([sys.executable, "-m", "construct_lab.bench", *args], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -221,7 +221,7 @@ def render_section(device: torch.device, training: list[dict[str, Any]], inferen
         f"## {kind} ({precision})",
         "",
         f"Measured {today} on: {machine_description(device)}. Real-size architectures (CONCH ViT-B/16 + MiT-B1)",
-        "with random weights, 224 px, batch 10; `python -m construct.tools.bench --device "
+        "with random weights, 224 px, batch 10; `python -m construct_lab.bench --device "
         f"{'cuda:0' if device.type == 'cuda' else 'cpu'}`.",
         "",
         f"| training losses | s / step | images / s | peak memory ({memory}) |",

@@ -1,12 +1,12 @@
 """Synthetic whole slides: tiled pyramidal RGB TIFFs of any size, written tile by tile.
 
 The tissue is an ellipse covering ~44% of the slide, textured with tiles of the synthetic BCSS
-generator (:func:`construct.data.synthetic.make_tile`), on near-white glass. Every pixel is a
+generator (:func:`construct_lab.synthetic.tiles.make_tile`), on near-white glass. Every pixel is a
 function of its coordinates, so each 256-px TIFF tile of each pyramid level is made on its own
 and memory stays small whatever the size. OpenSlide opens the files as "generic-tiff"; with
 ``mpp`` set they carry their resolution (pixels per centimetre), without it they have none.
 
-    python -m construct.data.synthetic_slide --out slide.tif --width 20000 --height 20000 --mpp 0.25
+    python -m construct_lab.synthetic.slide --out slide.tif --width 20000 --height 20000 --mpp 0.25
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from construct.data.synthetic import make_tile
+from construct_lab.synthetic.tiles import make_tile
 
 TILE = 256
 GLASS = (242, 241, 239)

@@ -1,9 +1,9 @@
 """Peak memory and speed of whole-slide prediction on synthetic slides of several sizes, in docs/benchmarks.md.
 
-    python -m construct.tools.bench_slide                               # slides of 12000², 6000², 3000² px, CPU
-    python -m construct.tools.bench_slide --sizes 20000,10000 --regions 4096 --no-write
+    python -m construct_lab.bench_slide                               # slides of 12000², 6000², 3000² px, CPU
+    python -m construct_lab.bench_slide --sizes 20000,10000 --regions 4096 --no-write
 
-Each slide size is written as a tiled pyramidal TIFF at 0.25 µm/px (:mod:`construct.data.synthetic_slide`,
+Each slide size is written as a tiled pyramidal TIFF at 0.25 µm/px (:mod:`construct_lab.synthetic.slide`,
 ~44% tissue) and predicted by ``predict_slide`` in its own process (GeoJSON of the class regions
 included); the GeoJSON step is then run once more on its own, from the finished mask TIFF, in a
 process of its own, so that its memory shows apart from the prediction's; each region size is an
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from construct_lab.paths import REPO
+
 REPORT = REPO / "docs" / "benchmarks.md"
 HEADING = "Whole slides (CPU"
 MPP = 0.25
@@ -87,7 +88,7 @@ def predict_synthetic_region(side: int, workers: int) -> dict[str, Any]:
     """Child process: a side × side synthetic region (all tissue texture) through ``predict_region``."""
     import numpy as np
 
-    from construct.data.synthetic_slide import SyntheticSlide
+    from construct_lab.synthetic.slide import SyntheticSlide
     from construct.inference.streaming import predict_region
 
     # The slide's centre is tissue; a region cut from it, as generate_cam --input-dir receives them.
@@ -132,7 +133,7 @@ def resident_bytes(pids: list[int]) -> int:
 
 def run_measured(child_args: list[str], workers: int) -> dict[str, Any]:
     """Run a child mode while sampling its process tree's resident memory; adds the peak and the time."""
-    command = [sys.executable, "-m", "construct.tools.bench_slide", *child_args, "--workers", str(workers)]
+    command = [sys.executable, "-m", "construct_lab.bench_slide", *child_args, "--workers", str(workers)]
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_region:
         print(json.dumps(predict_synthetic_region(args.child_region, args.workers)))
         return
-    from construct.data.synthetic_slide import write_synthetic_slide
+    from construct_lab.synthetic.slide import write_synthetic_slide
 
     loads = [load_average()]
     slides, regions = [], []
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         regions.append(run_measured(["--child-region", str(side)], args.workers))
         print(f"  peak {regions[-1]['tree_peak_mib']:.0f} MiB, {regions[-1]['wall_seconds']:.0f} s", flush=True)
     loads.append(load_average())
-    command = "python -m construct.tools.bench_slide"
+    command = "python -m construct_lab.bench_slide"
     if args.sizes != DEFAULT_SIZES or args.regions != DEFAULT_REGIONS:
         command += f" --sizes {args.sizes} --regions {args.regions}"
     section = render_section(slides, regions, args.workers, command, tuple(loads))

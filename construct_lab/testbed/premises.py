@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from construct.data.datasets import to_tensor
-from construct.data.synthetic import PAINTERS, STYLES, TEXTURE_NAMES, Style, make_tile, paint
+from construct_lab.synthetic.tiles import PAINTERS, STYLES, TEXTURE_NAMES, Style, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
-from construct.tools.testbed.seeds import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
+from construct_lab.testbed.seeds import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
 
 EVAL_SETS: dict[str, tuple[str, str]] = {**{name: (name, "default") for name in PAINTERS}, "classic-variant": ("classic", "variant")}
 """Evaluation sets of the premises: name -> (painter, style; 'default' = the painter's own palette)."""
