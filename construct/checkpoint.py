@@ -119,3 +119,21 @@ def check_classes(checkpoint: dict[str, Any], names: tuple[str, ...] | list[str]
     if saved is not None and list(saved) != list(names):
         raise CheckpointError(f"{path}: was trained for classes [{', '.join(saved)}], "
                               f"the config gives [{', '.join(names)}]")
+
+
+STAGES = {1: "stage-1 ConStruct checkpoint (main.py, construct-train)",
+          2: "stage-2 segmenter checkpoint (construct-train-seg)"}
+"""What writes each stage's checkpoints; a checkpoint without a 'stage' entry is stage 1."""
+
+
+def checkpoint_stage(checkpoint: dict[str, Any]) -> int:
+    """1 (the CAM model) or 2 (the segmenter trained on its pseudo-masks)."""
+    return int(checkpoint.get("stage", 1))
+
+
+def require_stage(checkpoint: dict[str, Any], stage: int, path: str | Path, wanted_by: str) -> None:
+    """One CheckpointError line when ``checkpoint`` is of the other stage than ``wanted_by`` needs."""
+    found = checkpoint_stage(checkpoint)
+    if found != stage:
+        raise CheckpointError(f"{path}: is a {STAGES.get(found, f'stage-{found} checkpoint')}; "
+                              f"{wanted_by} needs a {STAGES[stage]}")

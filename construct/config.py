@@ -390,6 +390,59 @@ class EvaluationConfig:
 
 
 @dataclass
+class Stage2Config:
+    """Stage 2: a segmentation network trained on stage-1 pseudo-masks (``construct-train-seg``).
+
+    Its pseudo-masks are stage 1's predictions on the train split, gated by each tile's image-level
+    labels and made with this config's ``inference`` settings (TTA, CRF), as ``generate_cam.py
+    --split train`` writes them. Every inference command accepts its checkpoints.
+    """
+
+    checkpoint: str | None = None
+    """Stage-1 checkpoint the pseudo-masks come from; null = <work_dir>/best.pth."""
+    work_dir: str | None = None
+    """Run folder of stage 2 (config.yaml, latest.pth, best.pth, log.jsonl, pseudo_masks/); null = <work_dir>/stage2."""
+    backbone: Literal["segformer"] = "segformer"
+    """Segmentation network: transformers' SegformerForSemanticSegmentation with C + 1 outputs (background
+    is a class it learns)."""
+    preset: Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "tiny"] | None = None
+    """SegFormer size; null = model.teacher.preset (the MiT the teacher already uses)."""
+    encoder_checkpoint: str | None = None
+    """MiT weights the encoder starts from (the same formats as model.teacher.checkpoint); null =
+    model.teacher.checkpoint, which needs preset to be the teacher's (or null). Random when both are null."""
+    ignore: Literal["none", "crf_changed", "low_confidence"] = "none"
+    """Noisy-label guard: pixels left out of the cross-entropy. 'none' = every pixel; 'crf_changed' =
+    where the dense CRF changed stage 1's argmax; 'low_confidence' = where stage 1's top class
+    probability is below confidence_threshold (docs/ablation.md compares them)."""
+    confidence_threshold: float = 0.5
+    """Top probability (0-1) under which ignore: low_confidence leaves a pixel out."""
+    iterations: int = 8000
+    """Training iterations (batches per process)."""
+    batch_size: int = 8
+    """Tiles per step and per process."""
+    lr: float = 6.0e-5
+    """AdamW learning rate at iteration 0 (the decode head learns at 10x), poly decay to 0."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    poly_power: float = 1.0
+    """Poly decay lr_t = lr * (1 - t/T) ** poly_power."""
+    seed: int = 0
+    """Seeds the decode head's initial weights, data order and augmentation."""
+    mixed_precision: bool = True
+    """bf16 autocast in training on CUDA (the CPU runs fp32)."""
+    eval_interval: int = 1000
+    """Validate (mIoU on data.val_split; it picks best.pth) and write latest.pth every N iterations."""
+    checkpoint_interval: int = 0
+    """Also write latest.pth every N iterations; 0 = only at each validation."""
+    log_interval: int = 50
+    """Write a JSONL log line every N iterations."""
+    tta_flip: bool = False
+    """Inference with a stage-2 checkpoint: average the horizontally flipped pass's probabilities."""
+    crf: bool = False
+    """Inference with a stage-2 checkpoint: refine the probabilities with the dense CRF of inference.crf."""
+
+
+@dataclass
 class Config:
     work_dir: str = "work_dirs/bcss/construct"
     """Run folder: resolved config.yaml, latest.pth, best.pth, logs."""
@@ -400,6 +453,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -663,6 +717,7 @@ def validate(config: Config, source: str) -> None:
         fail("inference.tta_factors", "must include 1.0 when inference.tta is 'resize' (CAMs are averaged on its grid)")
     if not config.data.mpp > 0:
         fail("data.mpp", f"must be a positive resolution in µm/px, got {config.data.mpp}")
+    validate_stage2(config, fail)
     slide = config.inference.slide
     if slide.window < 1:
         fail("inference.slide.window", f"must be at least 1, got {slide.window}")
@@ -676,6 +731,23 @@ def validate(config: Config, source: str) -> None:
         fail("inference.slide.regions_simplify_um", f"must be a positive length in µm, got {slide.regions_simplify_um}")
     if not slide.regions_min_area_um2 >= 0:
         fail("inference.slide.regions_min_area_um2", f"must be >= 0 µm², got {slide.regions_min_area_um2}")
+
+
+def validate_stage2(config: Config, fail: typing.Callable[[str, str], None]) -> None:
+    """The stage-2 section: positive budgets, a threshold in (0, 1), encoder weights that fit its preset."""
+    stage2 = config.stage2
+    for key in ("iterations", "batch_size", "eval_interval", "log_interval"):
+        if getattr(stage2, key) < 1:
+            fail(f"stage2.{key}", f"must be at least 1, got {getattr(stage2, key)}")
+    if stage2.checkpoint_interval < 0:
+        fail("stage2.checkpoint_interval", "must be >= 0 (0 = only at each validation)")
+    if not 0.0 < stage2.confidence_threshold < 1.0:
+        fail("stage2.confidence_threshold", f"must lie in (0, 1), got {stage2.confidence_threshold}")
+    teacher = config.model.teacher
+    if (stage2.encoder_checkpoint is None and teacher.checkpoint is not None and stage2.preset is not None
+            and stage2.preset != teacher.preset):
+        fail("stage2.preset", f"'{stage2.preset}' does not fit model.teacher.checkpoint (a {teacher.preset} encoder); "
+             "set stage2.encoder_checkpoint to weights of that size")
 
 
 def validate_dataset(data: DataConfig, fail: typing.Callable[[str, str], None]) -> None:

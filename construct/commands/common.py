@@ -9,18 +9,26 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from construct.checkpoint import checkpoint_stage, load_checkpoint
+from construct.classes import ClassSet
 from construct.cli import add_device_arguments, resolve_device
 from construct.config import Config, load_config
 from construct.data.datasets import eval_dataset, train_dataset
 from construct.inference.predictor import Predictor
+from construct.inference.segmenter import SegmenterPredictor
 from construct.models.build import load_trained_model
 from construct.models.construct import ConStructModel
+from construct.models.segmenter import Segmenter, load_trained_segmenter
+
+TrainedModel = ConStructModel | Segmenter
+"""Either stage's network: the CAM model (stage 1) or the segmenter trained on its pseudo-masks (stage 2)."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--config, --checkpoint, --opts and the device flags (--gpu / --device / --debug)."""
     parser.add_argument("--config", required=True, help="YAML config the checkpoint was trained with (e.g. configs/bcss.yaml)")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint (best.pth or latest.pth)")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="trained checkpoint (best.pth or latest.pth) of stage 1 (main.py) or stage 2 (construct-train-seg)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. data.root=/data/BCSS-WSSS inference.presence_gate=0.4")
     add_device_arguments(parser)
@@ -39,10 +47,12 @@ def positive_int(text: str) -> int:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """--no-crf, --no-tta, --workers, --max-images."""
-    parser.add_argument("--no-crf", action="store_true", help="skip the dense CRF (argmax of the gated CAMs instead)")
+    parser.add_argument("--no-crf", action="store_true",
+                        help="skip the dense CRF (argmax of the probabilities instead); a stage-2 checkpoint runs "
+                        "the CRF only with stage2.crf: true")
     parser.add_argument("--no-tta", action="store_true",
-                        help="one plain forward pass instead of test-time augmentation (inference.tta over "
-                        "inference.tta_factors x inference.tta_flip)")
+                        help="one plain forward pass instead of test-time augmentation (stage 1: inference.tta over "
+                        "inference.tta_factors x inference.tta_flip; stage 2: the flip of stage2.tta_flip, off by default)")
     parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help=f"CRF worker processes (default: all {os.cpu_count()} cores; 1 = serial)")
     parser.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="process only the first N images")
@@ -54,13 +64,25 @@ def load_settings(args: argparse.Namespace) -> tuple[Config, torch.device]:
     return load_config(args.config, args.opts), device
 
 
-def load(args: argparse.Namespace) -> tuple[Config, ConStructModel, torch.device]:
+def load(args: argparse.Namespace) -> tuple[Config, TrainedModel, torch.device]:
     """:func:`load_settings` plus the trained model of --checkpoint, in eval mode on the device."""
     config, device = load_settings(args)
-    return config, load_trained_model(config, args.checkpoint, device), device
+    return config, load_either_stage(config, args.checkpoint, device), device
 
 
-def make_predictor(args: argparse.Namespace, config: Config, model: ConStructModel, device: torch.device) -> Predictor:
+def load_either_stage(config: Config, path: Path, device: torch.device) -> TrainedModel:
+    """The network of a stage-1 or a stage-2 checkpoint, as the checkpoint says it is."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint_stage(checkpoint) == 2:
+        return load_trained_segmenter(checkpoint, path, ClassSet.from_config(config).names, device)
+    return load_trained_model(config, path, device)
+
+
+def make_predictor(args: argparse.Namespace, config: Config, model: TrainedModel,
+                   device: torch.device) -> Predictor | SegmenterPredictor:
+    """The predictor of either stage, with --no-tta, --no-crf and --workers applied."""
+    if isinstance(model, Segmenter):
+        return SegmenterPredictor(model, config, device, tta=not args.no_tta, crf=not args.no_crf, workers=args.workers)
     return Predictor(model, config, device, tta=not args.no_tta,
                      crf=config.inference.crf.enabled and not args.no_crf, workers=args.workers)
 

@@ -17,11 +17,6 @@ from tqdm import tqdm
 from construct.atomic import atomic_path, write_text_atomic
 from construct.classes import ClassSet
 from construct.cli import run_cli
-from construct.data.datasets import ImageFolderDataset
-from construct.data.io import read_image, write_image, write_mask
-from construct.inference.predictor import Predictor, to_uint8_images
-from construct.inference.render import overlay
-from construct.inference.streaming import predict_region
 from construct.commands.common import (
     add_inference_arguments,
     add_model_arguments,
@@ -31,6 +26,13 @@ from construct.commands.common import (
     presence_of,
     split_dataset,
 )
+from construct.data.datasets import ImageFolderDataset
+from construct.data.io import read_image, write_image, write_mask
+from construct.inference.predictor import Predictor, to_uint8_images
+from construct.inference.render import overlay
+from construct.inference.segmenter import NO_GATING
+from construct.inference.streaming import predict_region
+from construct.models.segmenter import Segmenter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--split", choices=("test", "val", "train"),
                         help="dataset split under data.root. train: CAMs are gated with each tile's image-level "
                         "label, giving the pseudo-masks a second-stage segmenter trains on; val/test: gated as "
-                        "inference.presence says")
+                        "inference.presence says (a stage-2 checkpoint is never gated)")
     source.add_argument("--input-dir", type=Path, metavar="DIR",
                         help="folder of images of any size >= model.image_size, streamed like a whole slide: tiles "
                         "every inference.tile_stride px, each gated with its own predicted presence, and the CRF in "
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-cam", action="store_true",
                         help="also write cam/<name>.npy: the normalised, presence-gated CAMs the mask was computed "
                         "from (float16, C x H x W in the dataset's class order, values 0-1; with --input-dir, gated and "
-                        "normalised per tile and averaged where tiles overlap)")
+                        "normalised per tile and averaged where tiles overlap). A stage-2 checkpoint has no CAMs: "
+                        "it writes the segmenter's softmax probability of each tissue class instead (same layout; "
+                        "background's is 1 minus their sum)")
     parser.add_argument("--overlay", action="store_true",
                         help="also write overlay/<name>.png: the image blended with the palette colours of its mask")
     add_inference_arguments(parser)
@@ -95,6 +99,7 @@ def predict_folder(predictor: Predictor, paths: list[Path], out_dir: Path, args:
 
 def main(args: argparse.Namespace) -> None:
     config, model, device = load(args)
+    segmenter = isinstance(model, Segmenter)
     if args.input_dir is not None:
         paths, protocol, source = ImageFolderDataset(args.input_dir).paths[:args.max_images], "predicted", args.input_dir.name
         count = len(paths)
@@ -113,10 +118,12 @@ def main(args: argparse.Namespace) -> None:
     info = {"source": str(args.input_dir or args.split), "dataset": config.data.name,
             "classes": {name: {"mask_value": value, "color": list(rgb)}
                         for name, value, rgb in zip(classes.all_names, classes.mask_values, classes.palette)},
-            "cam_channels": list(classes.names), "protocol": protocol, "checkpoint": str(args.checkpoint),
+            "cam_channels": list(classes.names), "cam_values": "class probabilities" if segmenter else "gated CAMs",
+            "stage": 2 if segmenter else 1, "protocol": NO_GATING if segmenter else protocol, "checkpoint": str(args.checkpoint),
             "config": str(args.config), "crf": predictor.uses_crf, "tta": predictor.tta.record(), "images": count}
     write_text_atomic(out_dir / "generate_cam.json", json.dumps(info, indent=2) + "\n")
-    print(f"wrote {count} masks (presence protocol '{protocol}') to {out_dir}")
+    gating = "stage-2 segmenter, no presence gating" if segmenter else f"presence protocol '{protocol}'"
+    print(f"wrote {count} masks ({gating}) to {out_dir}")
 
 
 def cli() -> None:

@@ -51,9 +51,10 @@ class ResumableSampler(Sampler):
 
 
 class SeededAugmentation(Dataset):
-    """Applies the training flips/rotations with a generator seeded per (seed, epoch, index)."""
+    """Applies the training flips/rotations with a generator seeded per (seed, epoch, index), to the
+    item's image and, when it has one, identically to its mask."""
 
-    def __init__(self, dataset: TrainDataset, seed: int) -> None:
+    def __init__(self, dataset: TrainDataset | Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
 
@@ -65,5 +66,7 @@ class SeededAugmentation(Dataset):
         item = self.dataset[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-            item["image"], _ = flip_rotate(item["image"])
+            item["image"], mask = flip_rotate(item["image"], item.get("mask"))
+        if mask is not None:
+            item["mask"] = mask
         return item

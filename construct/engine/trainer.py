@@ -15,7 +15,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, save_checkpoint
+from construct.checkpoint import (
+    backbone_identity,
+    check_backbones,
+    check_classes,
+    load_checkpoint,
+    require_stage,
+    save_checkpoint,
+)
 from construct.classes import ClassSet
 from construct.config import Config, TrainConfig, config_to_dict, save_config
 from construct.data.datasets import eval_dataset, train_dataset
@@ -135,6 +142,8 @@ def train(
     device = dist_info.device
     work_dir = Path(config.work_dir)
     checkpoint = load_checkpoint(resume) if resume is not None else None
+    if checkpoint is not None:
+        require_stage(checkpoint, 1, resume, "main.py --resume")
     if dist_info.is_main:
         prepare_work_dir(config, resume is not None, overwrite)
         save_config(config, work_dir / "config.yaml")
@@ -205,6 +214,7 @@ def train(
 
     def state(it: int) -> dict[str, Any]:
         return {
+            "stage": 1,
             "model": model.trainable_state_dict(),
             "objective": objective.extra_state_dict(),
             "optimizer": optimizer.state_dict(),

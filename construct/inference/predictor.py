@@ -11,7 +11,13 @@ import torch
 from construct.classes import ClassSet
 from construct.config import Config, InferenceConfig
 from construct.inference.crf import CrfPool
-from construct.inference.postprocess import apply_background_prior, cam_probabilities, select_presence
+from construct.inference.postprocess import (
+    apply_background_prior,
+    cam_probabilities,
+    normalize_cams,
+    presence_from_logits,
+    select_presence,
+)
 from construct.inference.tiling import tiled_forward, window_stride
 from construct.inference.tta import TtaSettings
 from construct.models.construct import ConStructModel
@@ -133,6 +139,19 @@ class Predictor:
         presence_np = presence.cpu().numpy()
         return [Prediction(mask=m, probs=p, presence=pr, scores=s, protocol=protocol)
                 for m, p, pr, s in zip(masks, probs_np, presence_np, scores)]
+
+    @torch.no_grad()
+    def tile_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """B×C×h×w maps in [0, 1] that the streaming path averages where tiles overlap: each tile's
+        normalised CAMs, gated by its own predicted presence."""
+        cams, logits = self.network(images)
+        scaled = cams.float() if self.tta.normalize_each else normalize_cams(cams)
+        return scaled * presence_from_logits(logits, self.inference.presence_gate)[:, :, None, None]
+
+    def window_probabilities(self, maps: torch.Tensor) -> torch.Tensor:
+        """(C+1)×h×w probabilities of averaged :meth:`tile_maps` (C×h×w): the maps and the background channel."""
+        background = (1.0 - maps.amax(dim=0, keepdim=True)).clamp_(0.0, 1.0) ** self.inference.background_power
+        return torch.cat([maps, background])
 
     def crf_images(self, images: torch.Tensor) -> list[np.ndarray]:
         """The uint8 pixels the CRF compares (``inference.crf_image``)."""

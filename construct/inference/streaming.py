@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from construct.config import Config
 from construct.data.slide_reader import ArrayReader, RegionReader
 from construct.inference.cam_canvas import CamCanvas
-from construct.inference.postprocess import apply_background_prior, normalize_cams, presence_from_logits
+from construct.inference.postprocess import apply_background_prior
 from construct.inference.predictor import Predictor
+from construct.inference.segmenter import SegmenterPredictor
 from construct.inference.tiling import check_tileable, window_stride
 from construct.inference.tissue import TissueMask
 
@@ -94,7 +95,7 @@ class StreamingPredictor:
     window. :attr:`stats` fills in as bands are produced.
     """
 
-    def __init__(self, predictor: Predictor, reader: RegionReader, settings: StreamSettings, tissue: TissueMask,
+    def __init__(self, predictor: Predictor | SegmenterPredictor, reader: RegionReader, settings: StreamSettings, tissue: TissueMask,
                  keep_cams: bool = False, progress: Callable[[int], None] | None = None) -> None:
         self.predictor = predictor
         self.reader = reader
@@ -104,8 +105,6 @@ class StreamingPredictor:
         self.progress = progress or (lambda pixels: None)
         self.classes = predictor.classes
         self.stats = StreamStats(class_pixels=np.zeros(self.classes.num_classes + 1, np.int64))
-        self.background_power = predictor.config.inference.background_power
-        self.presence_gate = predictor.config.inference.presence_gate
         self.batch_size = predictor.config.inference.batch_size
         width, height = reader.size
         self.model_size = (math.ceil(width / settings.downsample), math.ceil(height / settings.downsample))
@@ -156,25 +155,24 @@ class StreamingPredictor:
         return pixels.float().div_(255.0)
 
     def predict_tiles(self, positions: list[tuple[int, int]], canvas: CamCanvas) -> None:
-        """Network → per-tile normalised, gated CAMs on the tile's cells → summed into the canvas."""
-        cams, logits = self.predictor.network(self.read_tiles(positions))
-        scaled = cams.float() if self.predictor.tta.normalize_each else normalize_cams(cams)
-        gated = scaled * presence_from_logits(logits, self.presence_gate)[:, :, None, None]
+        """Network → each tile's class maps (stage 1: normalised CAMs gated by the tile's own presence;
+        stage 2: class probabilities) on the tile's cells → summed into the canvas."""
+        maps = self.predictor.tile_maps(self.read_tiles(positions))
         cells = self.settings.tile // canvas.cell
-        gated = F.interpolate(gated, size=(cells, cells), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-        for (x, y), tile_cells in zip(positions, gated.float().cpu()):
+        maps = F.interpolate(maps.float(), size=(cells, cells), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+        for (x, y), tile_cells in zip(positions, maps.cpu()):
             canvas.add(tile_cells, x, y)
         self.stats.tiles += len(positions)
 
     def make_canvas(self) -> CamCanvas:
-        """The cell grid, sized from the network's CAM grid on one blank tile."""
+        """The cell grid, sized from the network's output grid on one blank tile."""
         tile, stride = self.settings.tile, self.settings.stride
-        cams, _ = self.predictor.network(torch.ones(1, 3, tile, tile))
-        cell = canvas_cell(tile, stride, cams.shape[-1])
+        maps = self.predictor.tile_maps(torch.ones(1, 3, tile, tile))
+        cell = canvas_cell(tile, stride, maps.shape[-1])
         model_w, model_h = self.model_size
         rows = (tile_offsets(model_h, tile, stride)[-1] + tile) // cell
         cols = (tile_offsets(model_w, tile, stride)[-1] + tile) // cell
-        return CamCanvas(cams.shape[1], rows, cols, cell)
+        return CamCanvas(maps.shape[1], rows, cols, cell)
 
     # --- stage 2: windows ----------------------------------------------------------------------
 
@@ -188,10 +186,9 @@ class StreamingPredictor:
         return canvas.rows_needed(y0, y1)
 
     def probabilities(self, canvas: CamCanvas, box: tuple[int, int, int, int]) -> np.ndarray:
-        """(C+1)×h×w float32 of a model-px box: gated class maps and the background channel (method.md §7)."""
-        cams = canvas.window(*box)
-        background = (1.0 - cams.amax(dim=0, keepdim=True)).clamp_(0.0, 1.0) ** self.background_power
-        return torch.cat([cams, background]).numpy()
+        """(C+1)×h×w float32 class probabilities of a model-px box (stage 1: gated class maps and the
+        background channel, method.md §7)."""
+        return self.predictor.window_probabilities(canvas.window(*box)).numpy()
 
     def make_band(self, canvas: CamCanvas, top: int, bottom: int) -> Band:
         width = self.reader.size[0]
@@ -274,7 +271,7 @@ class StreamingPredictor:
             canvas.release_until(first_needed // canvas.cell - 1)
 
 
-def predict_region(predictor: Predictor, image: np.ndarray, name: str,
+def predict_region(predictor: Predictor | SegmenterPredictor, image: np.ndarray, name: str,
                    keep_cams: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Mask (H×W uint8) and, with ``keep_cams``, gated class maps (C×H×W float16) of an in-memory region.
 

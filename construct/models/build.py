@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint
+from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, require_stage
 from construct.classes import ClassSet
 from construct.config import Config
 from construct.errors import CheckpointError
@@ -65,6 +65,7 @@ def load_trained_model(config: Config, checkpoint_path: str | Path, device: torc
     with the mismatched keys listed.
     """
     checkpoint = load_checkpoint(checkpoint_path)
+    require_stage(checkpoint, 1, checkpoint_path, "the ConStruct (CAM) model")
     check_classes(checkpoint, ClassSet.from_config(config).names, checkpoint_path)
     model = build_model(config, "cpu")
     identity = backbone_identity(model.conch, None, config.model.conch.checkpoint, None)

@@ -24,6 +24,17 @@ _ARCH_FIELDS = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "p
 _PRESETS: dict[str, dict[str, list[int]]] = {
     "mit_b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8],
                    sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
+    # The other sizes of the SegFormer paper (Xie et al. 2021, Table 6), for the stage-2 segmenter.
+    "mit_b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8],
+                   sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
+    "mit_b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], num_attention_heads=[1, 2, 5, 8],
+                   sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
+    "mit_b3": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 18, 3], num_attention_heads=[1, 2, 5, 8],
+                   sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
+    "mit_b4": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 8, 27, 3], num_attention_heads=[1, 2, 5, 8],
+                   sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
+    "mit_b5": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3], num_attention_heads=[1, 2, 5, 8],
+                   sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
     "tiny": dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
                  sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4]),
 }
@@ -53,7 +64,7 @@ _HF_KEY = re.compile(r"^encoder\.(?:patch_embeddings\.(\d+)\.(proj|layer_norm)|l
 
 
 def mit_config(preset: str = "mit_b1") -> SegformerConfig:
-    """The ``SegformerConfig`` of a preset (``mit_b1`` or ``tiny``)."""
+    """The ``SegformerConfig`` of a preset (``mit_b0`` ... ``mit_b5`` or ``tiny``)."""
     if preset not in _PRESETS:
         raise ConfigError(f"unknown MiT preset {preset!r}; choose one of {sorted(_PRESETS)}")
     return SegformerConfig(num_encoder_blocks=4, **_PRESETS[preset])
