@@ -401,7 +401,8 @@ class Stage2Config:
     checkpoint: str | None = None
     """Stage-1 checkpoint the pseudo-masks come from; null = <work_dir>/best.pth."""
     work_dir: str | None = None
-    """Run folder of stage 2 (config.yaml, latest.pth, best.pth, log.jsonl, pseudo_masks/); null = <work_dir>/stage2."""
+    """Run folder of stage 2 (config.yaml, latest.pth, best.pth, log.jsonl); null = <work_dir>/stage2. The
+    pseudo-masks are cached beside the stage-1 checkpoint, in pseudo_masks/."""
     backbone: Literal["segformer"] = "segformer"
     """Segmentation network: transformers' SegformerForSemanticSegmentation with C + 1 outputs (background
     is a class it learns)."""

@@ -68,7 +68,7 @@ def test_stage2_run_folder_checkpoints_and_pseudo_mask_cache(root, reference, mo
     assert [r["iteration"] for r in records if r["kind"] == "val"] == [3, 6]
     assert all(0.0 <= r["miou"] <= 100.0 for r in records if r["kind"] == "val")
 
-    caches = [p for p in (reference / "pseudo_masks").iterdir()]
+    caches = list((root / "stage1" / "pseudo_masks").iterdir())
     assert [p.name for p in caches] == [latest["pseudo_masks"]["key"]]  # complete: no .partial folder left
     planes = sorted(caches[0].glob("*.npy"))
     assert len(planes) == 12
@@ -84,7 +84,7 @@ def test_stage2_run_folder_checkpoints_and_pseudo_mask_cache(root, reference, mo
     key = pseudo_module.cache_key(stage1, config, tiles)
     assert key == latest["pseudo_masks"]["key"]
     monkeypatch.setattr(pseudo_module, "_predict", lambda *args: pytest.fail("the cache was not used"))
-    pseudo_module.make_pseudo_masks(config, stage1, tiles, reference / "pseudo_masks", CPU)
+    pseudo_module.make_pseudo_masks(config, stage1, tiles, root / "stage1" / "pseudo_masks", CPU)
     changed = root / "changed.pth"
     changed.write_bytes(stage1.read_bytes() + b"\0")
     assert pseudo_module.cache_key(changed, config, tiles) != key

@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Stage 2: train a SegFormer (stage2.preset, encoder from the teacher's MiT weights) on the "
         "pseudo-masks of a stage-1 checkpoint (stage2.checkpoint, default <work_dir>/best.pth): its predictions "
-        "on the train split, gated by each tile's labels, with the config's TTA and CRF, cached in "
-        "<stage2 work dir>/pseudo_masks/ under a hash of the checkpoint and settings. Writes config.yaml, "
+        "on the train split, gated by each tile's labels, with the config's TTA and CRF, cached beside it in "
+        "pseudo_masks/<hash of the checkpoint and settings>/. Writes config.yaml, "
         "latest.pth, best.pth (highest validation mIoU) and log.jsonl to stage2.work_dir (default "
         "<work_dir>/stage2); every inference command accepts its best.pth. Multi-GPU: "
         "torchrun --nproc_per_node=N -m construct.commands.train_seg --config ...",

@@ -116,7 +116,8 @@ def train_segmenter(config: Config, dist_info: DistInfo, resume: str | Path | No
     barrier(dist_info)
 
     tiles = train_dataset(config)
-    pseudo = make_pseudo_masks(config, source, tiles, work_dir / "pseudo_masks", dist_info)
+    # Beside the stage-1 checkpoint: every stage-2 run of that checkpoint (other seeds, sizes, guards) shares them.
+    pseudo = make_pseudo_masks(config, source, tiles, source.parent / "pseudo_masks", dist_info)
     if checkpoint is not None and checkpoint["pseudo_masks"]["key"] != pseudo.key:
         raise CheckpointError(f"{resume}: was trained on pseudo-masks {checkpoint['pseudo_masks']['key']}; "
                               f"{source} and this config give {pseudo.key} (start again with --overwrite)")
