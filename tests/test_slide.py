@@ -32,7 +32,7 @@ from construct.errors import DataError
 from construct.inference import streaming
 from construct.inference.cam_canvas import CamCanvas
 from construct.inference.predictor import Predictor
-from construct.inference.regions import rasterize_regions
+from construct.inference.regions import AREA_MEASUREMENT, rasterize_regions
 from construct.inference.slide import open_slide, predict_slide
 from construct.inference.streaming import canvas_cell, predict_region, tile_offsets
 from construct.inference.tissue import TissueMask, detect_tissue
@@ -314,7 +314,7 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
     assert len(features) > 3 and all(shape(f["geometry"]).is_valid for f in features)
     assert {f["properties"]["objectType"] for f in features} == {"annotation"}
     for name in ("TUM", "STR", "LYM", "NEC"):
-        traced = sum(f["properties"]["measurements"]["Area µm^2"] for f in features
+        traced = sum(f["properties"]["measurements"][AREA_MEASUREMENT] for f in features
                      if f["properties"]["classification"]["name"] == name) / 1e6
         assert traced == pytest.approx(areas[name], rel=0.02, abs=1e-4)
     assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 1  # 1 µm/px

@@ -1,20 +1,25 @@
-"""Class regions of a finished mask TIFF as QuPath GeoJSON annotations, in bounded memory.
+"""Class regions of a finished mask TIFF as QuPath GeoJSON annotations that tile the tissue.
 
 The output is what QuPath's own exporter writes and imports as annotations (TIAToolbox's
 ``AnnotationStore.from_geojson`` and LazySlide read it too): a FeatureCollection in level-0 pixel
-coordinates with one Polygon feature per connected region of a class (4-connected, holes kept),
-``properties.objectType = "annotation"``, ``classification = {name, color: [r, g, b]}`` and the
-region's area in µm² under ``measurements``. Background (glass, and background inside the tissue)
-gets no feature.
+coordinates of the mask (the slide's frame) with one Polygon feature per connected region of a
+class (4-connected, holes kept), ``properties.objectType = "annotation"``, ``classification =
+{name, color: [r, g, b]}`` and the region's area in µm² under ``measurements`` (named so that
+QuPath keeps it beside its own "Area µm^2"). Background (glass, and background inside the
+tissue) gets no feature.
 
 The regions are traced on a reduced level of the mask pyramid, the coarsest whose pixel is no
 wider than the simplification tolerance, read one band of tile rows at a time. Polygons come from
 ``rasterio.features.shapes`` (GDAL's polygonizer: outlines on pixel edges, so a polygon's area is
 exactly its pixel count); a polygon that reaches a band's lower edge is held back and united
-(shapely) with the polygons of its class it shares an edge with in the next band. A finished
-region is clipped to the slide, simplified (Douglas-Peucker, topology preserved), dropped when
-below the minimum area, and written out at once; only the regions still open at the current band
-edge are kept.
+(shapely) with the polygons of its class it shares an edge with in the next band.
+
+All regions, background included, form one polygonal coverage: every pixel edge is a vertex, so
+neighbours share their edges vertex for vertex. The coverage is simplified as a whole
+(``shapely.coverage_simplify``, Visvalingam-Whyatt): an edge two regions share is simplified once
+for both, so features never overlap and leave no gap between them. Regions below the minimum area
+are then left out. The tracing reads the mask in bands; the coverage is held whole, so memory
+grows with the total length of the outlines (not with the slide's area).
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from construct.classes import ClassSet
 
 BAND_PIXELS = 16_000_000
 """About how many pixels of the reduced mask level are traced at once (a band of whole tile rows)."""
-AREA_MEASUREMENT = "Area µm^2"
-"""Name of the area measurement, as QuPath names its own."""
+AREA_MEASUREMENT = "Class area µm^2"
+"""Name of the area measurement: QuPath >= 0.6 drops an imported measurement named like its own "Area µm^2"."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,8 @@ def mask_level_bands(path: Path, level: int) -> Iterator[tuple[int, np.ndarray]]
         yield band_top, band
 
 
-def trace_regions(bands: Iterator[tuple[int, np.ndarray]], height: int, background: int) -> Iterator[tuple[int, Polygon]]:
-    """(class index, polygon in the bands' pixels) of every 4-connected region that is not ``background``.
+def trace_regions(bands: Iterator[tuple[int, np.ndarray]], height: int) -> Iterator[tuple[int, Polygon]]:
+    """(value, polygon in the bands' pixels) of every 4-connected region of equal values.
 
     A region crossing band edges comes out once, whole, when the band below it no longer continues it.
     """
@@ -104,7 +109,7 @@ def trace_regions(bands: Iterator[tuple[int, np.ndarray]], height: int, backgrou
     for top, rows in bands:
         bottom = top + rows.shape[0]
         traced = [(int(value), affinity.translate(shape(geometry), 0, top))
-                  for geometry, value in shapes(rows, mask=rows != background, connectivity=4)]
+                  for geometry, value in shapes(rows, connectivity=4)]
         above, open_regions = open_regions, []
         for value, polygon in _join_at_edge(above, traced, top):
             if bottom < height and polygon.bounds[3] >= bottom:
@@ -153,30 +158,16 @@ def region_features(mask_path: Path, classes: ClassSet, mpp: float, settings: Re
     with tifffile.TiffFile(mask_path) as tif:
         sizes = [(level.shape[1], level.shape[0]) for level in tif.series[0].levels]
     level = trace_level(sizes, mpp, settings.simplify_um)
-    (width, height), level_h = sizes[0], sizes[level][1]
-    factor = 2**level
-    # Level pixel (i, j) is the sample of level-0 pixel (i, j) * 2^level: it stands for the block of
-    # whole pixels about centred on that pixel (not the block it starts, which would shift outlines by
-    # half a block; whole pixels, so that no outline runs through pixel centres).
-    to_level0 = [factor, 0, 0, factor, -((factor - 1) // 2), -((factor - 1) // 2)]
-    extent = box(0, 0, width, height)
-    tolerance_px = settings.simplify_um / mpp
-    um2_per_px = mpp * mpp
     if summary is not None:
         summary.level = level
         summary.area_um2.update({name: 0.0 for name in classes.names})
-    for value, polygon in trace_regions(mask_level_bands(mask_path, level), level_h, classes.background):
+    values, coverage = traced_coverage(mask_path, sizes, level)
+    simplified = shapely.coverage_simplify(coverage, settings.simplify_um / mpp) if len(coverage) else coverage
+    um2_per_px = mpp * mpp
+    for value, polygon in zip(values, simplified):
         if value >= classes.num_classes:
-            continue  # not a class of this model (a mask of another class set)
-        polygon = affinity.affine_transform(polygon, to_level0)
-        if level:
-            polygon = polygon.intersection(extent)
-        if polygon.area * um2_per_px < settings.min_area_um2:
-            continue
-        # Douglas-Peucker depends on where a ring starts and on collinear vertices (band edges leave some):
-        # without both, a region would simplify differently when traced in other bands.
-        polygon = shapely.normalize(polygon.simplify(0))
-        for part in _valid_polygons(polygon.simplify(tolerance_px, preserve_topology=True)):
+            continue  # background, or not a class of this model (a mask of another class set)
+        for part in _valid_polygons(polygon):
             area_um2 = part.area * um2_per_px
             if area_um2 < settings.min_area_um2:
                 continue
@@ -184,6 +175,32 @@ def region_features(mask_path: Path, classes: ClassSet, mpp: float, settings: Re
                 summary.features += 1
                 summary.area_um2[classes.names[value]] += area_um2
             yield _feature(part, classes.names[value], classes.colors[value], area_um2)
+
+
+def traced_coverage(mask_path: Path, sizes: list[tuple[int, int]], level: int) -> tuple[list[int], np.ndarray]:
+    """(value, polygon in level-0 px) of every region of the mask traced on ``level``: a coverage of the slide
+    whose neighbours share their edges vertex for vertex."""
+    (width, height), level_h = sizes[0], sizes[level][1]
+    factor = 2**level
+    # Level pixel (i, j) is the sample of level-0 pixel (i, j) * 2^level: it stands for the block of
+    # whole pixels about centred on that pixel (not the block it starts, which would shift outlines by
+    # half a block; whole pixels, so that no outline runs through pixel centres).
+    to_level0 = [factor, 0, 0, factor, -((factor - 1) // 2), -((factor - 1) // 2)]
+    extent = box(0, 0, width, height)
+    values, polygons = [], []
+    for value, polygon in trace_regions(mask_level_bands(mask_path, level), level_h):
+        # A vertex at every pixel corner on the outline: the polygonizer and the unions at band edges leave
+        # out corners where a neighbour's outline turns, and a coverage needs them on both sides.
+        polygon = affinity.affine_transform(shapely.segmentize(polygon, 1.0), to_level0)
+        if level:
+            polygon = polygon.intersection(extent)
+        for part in _valid_polygons(polygon):
+            values.append(value)
+            polygons.append(shapely.normalize(part))
+    # Simplification depends on the order of the polygons and where their rings start (Visvalingam-Whyatt
+    # breaks ties by position): a canonical order makes it the same however the mask was cut into bands.
+    order = sorted(range(len(polygons)), key=lambda i: (polygons[i].bounds, values[i], polygons[i].area))
+    return [values[i] for i in order], np.array([polygons[i] for i in order], dtype=object)
 
 
 def _valid_polygons(geometry: Any) -> list[Polygon]:
