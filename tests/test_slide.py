@@ -186,6 +186,52 @@ def test_mask_tiff_pyramid_from_uneven_bands(tmp_path):
     np.testing.assert_array_equal(rgb, np.array(BCSS.palette, np.uint8)[mask])  # the palette shows class colours
 
 
+def write_pyramid(path: Path, image: np.ndarray, mpp: float, levels: int = 3) -> None:
+    """``image`` as a tiled pyramidal TIFF of ``levels`` levels (every 2^k-th pixel), at ``mpp``."""
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(levels):
+            pixels_per_cm = 1e4 / (mpp * 2**level)
+            tif.write(image[::2**level, ::2**level], tile=(256, 256), photometric="rgb", metadata=None,
+                      resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
+                      **({"subfiletype": 1} if level else {}))
+
+
+def test_a_slide_with_bounds_is_predicted_in_the_frame_qupath_shows(small_model, tmp_path, monkeypatch):
+    """A slide stating openslide.bounds-* (as MIRAX does) gives the outputs of the scanned area alone, in its
+    coordinates: those of a slide holding only that area. Tissue outside the bounds plays no part."""
+    offset, frame = (256, 128), (768, 640)
+    inner = SyntheticSlide(*frame).pixels(np.arange(frame[1]), np.arange(frame[0]))
+    outer = SyntheticSlide(1280, 1024, seed=1).pixels(np.arange(1024), np.arange(1280))  # tissue all around
+    outer[offset[1]:offset[1] + frame[1], offset[0]:offset[0] + frame[0]] = inner
+    write_pyramid(tmp_path / "alone.tif", inner, mpp=1.0)
+    write_pyramid(tmp_path / "framed.tif", outer, mpp=1.0)
+    bounds = {openslide.PROPERTY_NAME_BOUNDS_X: str(offset[0]), openslide.PROPERTY_NAME_BOUNDS_Y: str(offset[1]),
+              openslide.PROPERTY_NAME_BOUNDS_WIDTH: str(frame[0]), openslide.PROPERTY_NAME_BOUNDS_HEIGHT: str(frame[1])}
+
+    class SlideWithBounds(openslide.OpenSlide):
+        @property
+        def properties(self):
+            stated = dict(super().properties)
+            return {**stated, **bounds} if "framed" in self._filename else stated
+
+    monkeypatch.setattr(openslide, "OpenSlide", SlideWithBounds)
+    with OpenSlideReader(tmp_path / "framed.tif") as framed, OpenSlideReader(tmp_path / "alone.tif") as alone:
+        assert framed.offset == offset and framed.size == frame == alone.size and alone.offset == (0, 0)
+        for box in ((0, 0, 64, 64, 1.0), (700, 600, 100, 60, 1.0), (-20, -10, 50, 40, 2.0), (100, 50, 64, 32, 0.5)):
+            np.testing.assert_array_equal(framed.read(*box), alone.read(*box))  # white outside the frame
+        np.testing.assert_array_equal(framed.thumbnail(96), alone.thumbnail(96))
+    config = config_with("data.mpp=1.0", "inference.slide.window=128", "inference.slide.regions_min_area_um2=20")
+    predictor = Predictor(small_model, config, CPU, tta=False, crf=False)
+    reports = {name: predict_slide(open_slide(tmp_path / f"{name}.tif", config), predictor, tmp_path / name)
+               for name in ("framed", "alone")}
+    assert reports["framed"]["frame_offset_px"] == list(offset) and reports["framed"]["size_px"] == list(frame)
+    framed_mask, alone_mask = read_level(tmp_path / "framed" / "framed_mask.tif", 0), read_level(tmp_path / "alone" / "alone_mask.tif", 0)
+    assert framed_mask.shape == frame[::-1] and len(np.unique(framed_mask)) > 1
+    np.testing.assert_array_equal(framed_mask, alone_mask)
+    regions = [json.loads((tmp_path / name / f"{name}_regions.geojson").read_text())["features"] for name in ("framed", "alone")]
+    assert len(regions[0]) > 1 and regions[0] == regions[1]
+
+
 # --- streaming -----------------------------------------------------------------------------------
 
 
