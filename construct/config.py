@@ -331,8 +331,9 @@ class SlideConfig:
     tissue_saturation: float = 0.07
     """Minimum HSV saturation (0-1) of a tissue pixel on that thumbnail; glass is grey-white."""
     regions_simplify_um: float = 1.0
-    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with; they are traced on
-    the coarsest level of the mask pyramid whose pixel is no wider than this."""
+    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with (all classes together,
+    so that neighbours keep sharing their edges); they are traced on the coarsest level of the mask
+    pyramid whose pixel is no wider than half this."""
     regions_min_area_um2: float = 25.0
     """Regions smaller than this (µm²) are left out of <name>_regions.geojson: specks smaller than a nucleus
     (the areas JSON still counts every pixel)."""

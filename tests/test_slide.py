@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+import shapely
 import tifffile
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from support import BCSS, DEMO_RANDOM, FIXTURES, REPO
 from construct.classes import ClassSet
 from construct.config import load_config
 from construct.data.io import read_image
-from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
+from construct.data.mask_tiff import MaskTiffWriter, colour_table, pyramid_sizes, read_level
 from construct.data.slide_reader import ArrayReader, OpenSlideReader
 from construct_lab.synthetic.tiles import generate_dataset
 from construct_lab.synthetic.slide import GLASS, SyntheticSlide, write_synthetic_slide
@@ -324,10 +325,11 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["cmu_small_region_areas.json", "cmu_small_region_mask.tif",
-                                                      "cmu_small_region_overview.png", "cmu_small_region_regions.geojson",
-                                                      "cohort.csv", "cohort.json"]
+                                                      "cmu_small_region_mask_rgb.ome.tif", "cmu_small_region_overview.png",
+                                                      "cmu_small_region_regions.geojson", "cohort.csv", "cohort.json"]
     assert "mm² tissue" in result.stdout
 
+    classes = ClassSet.from_config(load_config(run_dir / "config.yaml"))
     slide = openslide.OpenSlide(str(out / "cmu_small_region_mask.tif"))
     assert slide.dimensions == (2220, 2967) and slide.level_count == 5
     assert slide.level_dimensions[1:] == ((1110, 1484), (555, 742), (278, 371), (139, 186))
@@ -337,6 +339,9 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
         assert len(levels) == 5 and levels[0].keyframe.is_tiled
         mask = levels[0].asarray()
     assert mask.shape == (2967, 2220) and mask.max() <= 4
+    with tifffile.TiffFile(out / "cmu_small_region_mask_rgb.ome.tif") as tif:  # what QuPath opens
+        assert tif.is_ome and len(tif.pages[0].subifds) == 4
+        np.testing.assert_array_equal(tif.series[0].levels[2].asarray(), colour_table(classes)[mask[::4, ::4]])
 
     report = json.loads((out / "cmu_small_region_areas.json").read_text())
     areas = report["areas_mm2"]
@@ -357,14 +362,14 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
     # drawn back onto the slide's grid give the mask's class almost everywhere in the tissue.
     geojson = out / "cmu_small_region_regions.geojson"
     features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
-    assert len(features) > 3 and all(shape(f["geometry"]).is_valid for f in features)
+    geometries = [shape(f["geometry"]) for f in features]
+    assert len(features) > 3 and all(g.is_valid for g in geometries) and shapely.coverage_is_valid(geometries)
     assert {f["properties"]["objectType"] for f in features} == {"annotation"}
     for name in ("TUM", "STR", "LYM", "NEC"):
         traced = sum(f["properties"]["measurements"][AREA_MEASUREMENT] for f in features
                      if f["properties"]["classification"]["name"] == name) / 1e6
         assert traced == pytest.approx(areas[name], rel=0.02, abs=1e-4)
-    assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 1  # 1 µm/px
-    classes = ClassSet.from_config(load_config(run_dir / "config.yaml"))
+    assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 0  # 0.5 µm/px
     with OpenSlideReader(SVS) as reader:
         tissue = open_slide(SVS, config_with()).tissue.sample(0, 0, *reader.size)
     drawn = rasterize_regions(geojson, (2220, 2967), classes)

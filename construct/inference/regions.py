@@ -8,8 +8,8 @@ class (4-connected, holes kept), ``properties.objectType = "annotation"``, ``cla
 QuPath keeps it beside its own "Area µm^2"). Background (glass, and background inside the
 tissue) gets no feature.
 
-The regions are traced on a reduced level of the mask pyramid, the coarsest whose pixel is no
-wider than the simplification tolerance, read one band of tile rows at a time. Polygons come from
+The regions are traced on a level of the mask pyramid, the coarsest whose pixel is no wider than
+half the simplification tolerance, read one band of tile rows at a time. Polygons come from
 ``rasterio.features.shapes`` (GDAL's polygonizer: outlines on pixel edges, so a polygon's area is
 exactly its pixel count); a polygon that reaches a band's lower edge is held back and united
 (shapely) with the polygons of its class it shares an edge with in the next band.
@@ -64,14 +64,15 @@ class RegionSummary:
 
 
 def trace_level(level_sizes: list[tuple[int, int]], mpp: float, simplify_um: float) -> int:
-    """The coarsest pyramid level whose pixel is at most ``simplify_um`` wide (level 0 at least).
+    """The coarsest pyramid level whose pixel is at most half ``simplify_um`` wide (level 0 at least).
 
-    Level k keeps every 2^k-th pixel of level 0 (:func:`construct.data.mask_tiff.pyramid_sizes`);
-    finer detail would be simplified away anyway, tracing it would only cost time.
+    Level k keeps every 2^k-th pixel of level 0 (:func:`construct.data.mask_tiff.pyramid_sizes`), so
+    its outlines are off by up to a pixel before simplification moves them: half the tolerance keeps
+    the two errors together within about the tolerance; finer detail would be simplified away anyway.
     """
     level = 0
     for index in range(len(level_sizes)):
-        if mpp * 2**index <= simplify_um:
+        if mpp * 2**index <= simplify_um / 2:
             level = index
     return level
 
