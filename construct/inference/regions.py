@@ -11,15 +11,14 @@ tissue) gets no feature.
 The regions are traced on a level of the mask pyramid, the coarsest whose pixel is no wider than
 half the simplification tolerance, read one band of tile rows at a time. Polygons come from
 ``rasterio.features.shapes`` (GDAL's polygonizer: outlines on pixel edges, so a polygon's area is
-exactly its pixel count); a polygon that reaches a band's lower edge is held back and united
-(shapely) with the polygons of its class it shares an edge with in the next band.
-
-All regions, background included, form one polygonal coverage: every pixel edge is a vertex, so
-neighbours share their edges vertex for vertex. The coverage is simplified as a whole
-(``shapely.coverage_simplify``, Visvalingam-Whyatt): an edge two regions share is simplified once
-for both, so features never overlap and leave no gap between them. Regions below the minimum area
-are then left out. The tracing reads the mask in bands; the coverage is held whole, so memory
-grows with the total length of the outlines (not with the slide's area).
+exactly its pixel count). Each band's regions, background included, form a polygonal coverage
+(every pixel corner on an outline made a vertex, so neighbours share their edges vertex for vertex)
+that ``shapely.coverage_simplify`` (Visvalingam-Whyatt) simplifies as a whole, keeping the band's
+own edges: an edge two regions share is simplified once for both, so features never overlap and
+leave no sliver between them. A region that reaches a band's lower edge is held back and united
+(shapely) with the pieces of its class it shares a stretch of that edge with in the next band.
+Finished regions below the minimum area are left out, the others are written out at once; only
+the regions still open at the current band edge are kept.
 """
 
 from __future__ import annotations
@@ -101,10 +100,14 @@ def mask_level_bands(path: Path, level: int) -> Iterator[tuple[int, np.ndarray]]
         yield band_top, band
 
 
-def trace_regions(bands: Iterator[tuple[int, np.ndarray]], height: int) -> Iterator[tuple[int, Polygon]]:
-    """(value, polygon in the bands' pixels) of every 4-connected region of equal values.
+def simplified_regions(bands: Iterator[tuple[int, np.ndarray]], height: int, tolerance: float,
+                       background: int) -> Iterator[tuple[int, Polygon]]:
+    """(value, simplified polygon in the bands' pixels) of every 4-connected region that is not ``background``.
 
-    A region crossing band edges comes out once, whole, when the band below it no longer continues it.
+    Each band's regions, background included, are simplified together as one coverage whose outline
+    (the band's edges) stays as it is, so that a region's pieces in neighbouring bands still meet
+    along the band edge; a region crossing band edges comes out once, whole, when the band below it
+    no longer continues it.
     """
     open_regions: list[tuple[int, Polygon]] = []  # regions that reach the lower edge of the last band
     for top, rows in bands:
@@ -112,11 +115,21 @@ def trace_regions(bands: Iterator[tuple[int, np.ndarray]], height: int) -> Itera
         traced = [(int(value), affinity.translate(shape(geometry), 0, top))
                   for geometry, value in shapes(rows, connectivity=4)]
         above, open_regions = open_regions, []
-        for value, polygon in _join_at_edge(above, traced, top):
+        for value, polygon in _join_at_edge(above, _simplify_band(traced, tolerance, background), top):
             if bottom < height and polygon.bounds[3] >= bottom:
                 open_regions.append((value, polygon))
             else:
                 yield value, polygon
+
+
+def _simplify_band(traced: list[tuple[int, Polygon]], tolerance: float, background: int) -> list[tuple[int, Polygon]]:
+    """The band's regions but background, simplified as one coverage with the band's outline kept."""
+    # A vertex at every pixel corner on the outlines: the polygonizer leaves out corners where only a
+    # neighbour's outline turns, and a coverage needs its shared edges vertex for vertex on both sides.
+    coverage = shapely.segmentize(np.array([polygon for _, polygon in traced], dtype=object), 1.0)
+    simplified = shapely.coverage_simplify(coverage, tolerance, simplify_boundary=False)
+    return [(value, part) for (value, _), polygon in zip(traced, simplified) if value != background
+            for part in _valid_polygons(polygon)]
 
 
 def _join_at_edge(above: list[tuple[int, Polygon]], traced: list[tuple[int, Polygon]],
@@ -159,15 +172,25 @@ def region_features(mask_path: Path, classes: ClassSet, mpp: float, settings: Re
     with tifffile.TiffFile(mask_path) as tif:
         sizes = [(level.shape[1], level.shape[0]) for level in tif.series[0].levels]
     level = trace_level(sizes, mpp, settings.simplify_um)
+    (width, height), level_h = sizes[0], sizes[level][1]
+    factor = 2**level
+    # Level pixel (i, j) is the sample of level-0 pixel (i, j) * 2^level: it stands for the block of
+    # whole pixels about centred on that pixel (not the block it starts, which would shift outlines by
+    # half a block; whole pixels, so that no outline runs through pixel centres).
+    to_level0 = [factor, 0, 0, factor, -((factor - 1) // 2), -((factor - 1) // 2)]
+    extent = box(0, 0, width, height)
+    tolerance = settings.simplify_um / (mpp * factor)  # in level pixels
+    um2_per_px = mpp * mpp
     if summary is not None:
         summary.level = level
         summary.area_um2.update({name: 0.0 for name in classes.names})
-    values, coverage = traced_coverage(mask_path, sizes, level)
-    simplified = shapely.coverage_simplify(coverage, settings.simplify_um / mpp) if len(coverage) else coverage
-    um2_per_px = mpp * mpp
-    for value, polygon in zip(values, simplified):
+    for value, polygon in simplified_regions(mask_level_bands(mask_path, level), level_h, tolerance,
+                                             classes.background):
         if value >= classes.num_classes:
-            continue  # background, or not a class of this model (a mask of another class set)
+            continue  # not a class of this model (a mask of another class set)
+        polygon = affinity.affine_transform(polygon, to_level0)
+        if level:
+            polygon = polygon.intersection(extent)
         for part in _valid_polygons(polygon):
             area_um2 = part.area * um2_per_px
             if area_um2 < settings.min_area_um2:
@@ -176,32 +199,6 @@ def region_features(mask_path: Path, classes: ClassSet, mpp: float, settings: Re
                 summary.features += 1
                 summary.area_um2[classes.names[value]] += area_um2
             yield _feature(part, classes.names[value], classes.colors[value], area_um2)
-
-
-def traced_coverage(mask_path: Path, sizes: list[tuple[int, int]], level: int) -> tuple[list[int], np.ndarray]:
-    """(value, polygon in level-0 px) of every region of the mask traced on ``level``: a coverage of the slide
-    whose neighbours share their edges vertex for vertex."""
-    (width, height), level_h = sizes[0], sizes[level][1]
-    factor = 2**level
-    # Level pixel (i, j) is the sample of level-0 pixel (i, j) * 2^level: it stands for the block of
-    # whole pixels about centred on that pixel (not the block it starts, which would shift outlines by
-    # half a block; whole pixels, so that no outline runs through pixel centres).
-    to_level0 = [factor, 0, 0, factor, -((factor - 1) // 2), -((factor - 1) // 2)]
-    extent = box(0, 0, width, height)
-    values, polygons = [], []
-    for value, polygon in trace_regions(mask_level_bands(mask_path, level), level_h):
-        # A vertex at every pixel corner on the outline: the polygonizer and the unions at band edges leave
-        # out corners where a neighbour's outline turns, and a coverage needs them on both sides.
-        polygon = affinity.affine_transform(shapely.segmentize(polygon, 1.0), to_level0)
-        if level:
-            polygon = polygon.intersection(extent)
-        for part in _valid_polygons(polygon):
-            values.append(value)
-            polygons.append(shapely.normalize(part))
-    # Simplification depends on the order of the polygons and where their rings start (Visvalingam-Whyatt
-    # breaks ties by position): a canonical order makes it the same however the mask was cut into bands.
-    order = sorted(range(len(polygons)), key=lambda i: (polygons[i].bounds, values[i], polygons[i].area))
-    return [values[i] for i in order], np.array([polygons[i] for i in order], dtype=object)
 
 
 def _valid_polygons(geometry: Any) -> list[Polygon]:
