@@ -81,14 +81,14 @@ def training_objective(config: Config, model: torch.nn.Module, teacher: torch.nn
     """The objective of ``config`` around ``model`` (teacher: None without L_struct) and AdamW on its trainable part.
 
     ``fast`` (CUDA only, as the trainer's ``train.fast_path``): the frozen towers replay CUDA graphs
-    with bf16 weights and AdamW is fused. It changes ``model.conch`` and ``teacher`` for good.
+    with bf16 weights and AdamW is fused. It changes ``model.student`` and ``teacher`` for good.
     """
     from construct.engine.objective import ConStructObjective
     from construct.models.graphs import enable_fast_path
 
     objective = ConStructObjective(model, teacher, config).to(device).train()
     if fast:
-        for tower in (model.conch, teacher):
+        for tower in (model.student, teacher):
             if tower is not None:
                 enable_fast_path(tower)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
