@@ -225,8 +225,10 @@ def test_loading_errors_are_one_line(tmp_path) -> None:
 
     assert "wisdomik/QuiltNet-B-16" in error(str(tmp_path / "absent"), "quiltnet", "tiny", 64)
     assert "model_cfg.vision_cfg.layers is 4" in error(str(folder), "quiltnet", "vit_b16", 64)
-    assert "a GELU model (QuiltNet-B-16), not OpenAI CLIP ViT-B/16: set model.student.name: quiltnet" in error(
-        str(folder), "openai_clip", "tiny", 64)
+    (folder / CONFIG_FILE).write_text(json.dumps(open_clip_config("tiny", quick_gelu=True)))
+    assert "a QuickGELU model (OpenAI CLIP ViT-B/16), not QuiltNet-B-16: set model.student.name: openai_clip" in error(
+        str(folder), "quiltnet", "tiny", 64)
+    assert load_open_clip_student(str(folder), "openai_clip", "tiny", 64).name == "openai_clip"
     (folder / CONFIG_FILE).unlink()
     torch.save({k: v for k, v in state.items() if k != "text_projection"}, folder / "open_clip_pytorch_model.bin")
     assert "missing: text_projection" in error(str(folder), "quiltnet", "tiny", 64)

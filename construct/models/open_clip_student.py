@@ -321,9 +321,10 @@ def _check_config(path: Path, spec: OpenClipSpec, preset: str) -> None:
         found = (model_cfg.get(section) or {}).get(field) if section else model_cfg.get(field)
         if found != want:
             raise CheckpointError(f"{path}: model_cfg.{key} is {found}, {spec.title} (preset {preset}) has {want}")
-    quick_gelu = bool(model_cfg.get("quick_gelu", False))
-    if quick_gelu != spec.quick_gelu:
-        other = next(n for n, s in SPECS.items() if s.quick_gelu == quick_gelu)
+    # Only a stated activation can contradict the student: older OpenAI CLIP folders leave it out.
+    quick_gelu = model_cfg.get("quick_gelu")
+    if quick_gelu is not None and bool(quick_gelu) != spec.quick_gelu:
+        other = next(n for n, s in SPECS.items() if s.quick_gelu == bool(quick_gelu))
         raise CheckpointError(f"{path}: a {'QuickGELU' if quick_gelu else 'GELU'} model ({SPECS[other].title}), "
                               f"not {spec.title}: set model.student.name: {other}")
     preprocess = values.get("preprocess_cfg") or {}
