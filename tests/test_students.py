@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from support import BCSS, DEMO_RANDOM, FIXTURES, REPO
+from support import BCSS, FIXTURES, REPO, tiny_config
 
 from construct.checkpoint import save_checkpoint
 from construct.config import load_config
@@ -28,10 +28,6 @@ from construct_lab.synthetic.tiles import generate_dataset
 CONCH_REFERENCE = FIXTURES / "conch_reference_digests.json"
 TEXTS = ["Tumor (TUM) regions consist of malignant epithelial cells.", "lymphocytes", "", "stroma " * 100]
 TINY_QUILTNET = ("model.student.name=quiltnet", "model.student.preset=tiny", "model.student.checkpoint=null")
-
-
-def tiny_config(*overrides: str):
-    return load_config(DEMO_RANDOM, ["model.image_size=64", *overrides])
 
 
 def open_clip_config(preset: str, quick_gelu: bool = False) -> dict:

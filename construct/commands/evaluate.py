@@ -13,11 +13,11 @@ from pathlib import Path
 
 from construct.atomic import write_text_atomic
 from construct.cli import run_cli
+from construct.commands.common import add_inference_arguments, add_model_arguments, first, load, make_predictor
 from construct.data.datasets import eval_dataset
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.metrics import BACKGROUND_CONVENTIONS
-from construct.commands.common import add_inference_arguments, add_model_arguments, first, load, make_predictor
 
 
 def build_parser() -> argparse.ArgumentParser:
