@@ -16,7 +16,7 @@ import pytest
 import torch
 from support import BCSS, FIXTURES, REPO, tiny_config
 
-from construct.checkpoint import save_checkpoint
+from construct.checkpoint import backbone_identity, save_checkpoint
 from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.errors import CheckpointError, ConfigError
@@ -258,8 +258,6 @@ def test_checkpoints_name_their_student(tmp_path) -> None:
         text = model.student.encode_text(model.student.tokenize(list(BCSS.prompts)))
     assert torch.allclose(model.prototypes(), text, atol=1e-6)
     path = tmp_path / "best.pth"
-    from construct.checkpoint import backbone_identity
-
     identity = backbone_identity(model.student, None, None, None)
     save_checkpoint({"model": model.trainable_state_dict(), "classes": list(BCSS.names), "backbones": identity}, path)
     assert load_trained_model(quiltnet, path).student.name == "quiltnet"
