@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,14 +99,15 @@ def test_conch_outputs_are_bit_identical_to_before_the_student_interface() -> No
 
 
 @pytest.fixture(scope="module")
-def real_size(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+def real_size(tmp_path_factory) -> Iterator[tuple[torch.nn.Module, Path]]:
     """open_clip's own random ViT-B-16 (fp16-rounded weights) and a QuiltNet folder of those weights."""
     import open_clip
 
     reference = open_clip.create_model("ViT-B-16", pretrained=None).half().float().eval()
     folder = tmp_path_factory.mktemp("quiltnet")
     write_folder(folder, {k: v.half() for k, v in reference.state_dict().items()}, open_clip_config("vit_b16"))
-    return reference, folder
+    yield reference, folder
+    shutil.rmtree(folder)  # 300 MB that pytest would otherwise keep for three sessions
 
 
 def test_quiltnet_equals_open_clip_vit_b16(real_size) -> None:
