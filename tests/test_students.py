@@ -272,15 +272,24 @@ def test_checkpoints_name_their_student(tmp_path) -> None:
         load_trained_model(quiltnet, path)
 
 
-def test_tiny_quiltnet_trains_and_evaluates(tmp_path) -> None:
-    """The fast path of the real-size test: the tiny preset through train, evaluate and export in-process."""
+def test_tiny_quiltnet_trains_draws_prototypes_and_predicts_a_slide(tmp_path) -> None:
+    """The tiny preset through training, then the prototype figures and a whole slide from its checkpoint."""
+    from construct.commands import predict_slides, prototypes
     from construct.engine.distributed import DistInfo
     from construct.engine.trainer import train
 
     generate_dataset(tmp_path / "data", n_train=4, n_val=1, n_test=1, seed=0, classes=BCSS)
     config = tiny_config(*TINY_QUILTNET, f"data.root={tmp_path / 'data'}", f"work_dir={tmp_path / 'run'}",
                          "testbed.dataset=null", "train.max_iters=2", "train.batch_size=2")
-    result = train(config, DistInfo(device=torch.device("cpu")))
-    assert result.iterations == 2
-    model = load_trained_model(config, tmp_path / "run" / "best.pth")
-    assert model.student.name == "quiltnet"
+    assert train(config, DistInfo(device=torch.device("cpu"))).iterations == 2
+    run = tmp_path / "run"
+    name = next((tmp_path / "data" / "val" / "img").glob("*.png")).name
+    prototypes.main(prototypes.build_parser().parse_args([
+        "--config", str(run / "config.yaml"), "--checkpoint", str(run / "best.pth"), "--device", "cpu",
+        "--split", "val", "--images", name, "--out-dir", str(tmp_path / "figures")]))
+    assert (tmp_path / "figures" / f"{Path(name).stem}_prototypes.png").stat().st_size > 10_000
+    predict_slides.main(predict_slides.build_parser().parse_args([
+        str(FIXTURES / "cmu_small_region.svs"), "--config", str(run / "config.yaml"), "--checkpoint", str(run / "best.pth"),
+        "--device", "cpu", "--no-tta", "--no-crf", "--no-regions", "--out-dir", str(tmp_path / "slides"),
+        "--opts", "data.mpp=4.0"]))
+    assert (tmp_path / "slides" / "cmu_small_region_mask.tif").is_file()
