@@ -15,7 +15,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from construct.checkpoint import backbone_identity, check_backbones, check_classes, check_student, load_checkpoint, save_checkpoint
+from construct.checkpoint import (
+    backbone_identity,
+    check_backbones,
+    check_classes,
+    check_student,
+    load_checkpoint,
+    save_checkpoint,
+)
 from construct.classes import ClassSet
 from construct.config import Config, TrainConfig, config_to_dict, save_config
 from construct.data.datasets import eval_dataset, train_dataset
