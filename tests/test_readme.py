@@ -14,6 +14,7 @@ from support import HE_FIXTURE, REPO
 
 import construct
 from construct.data.io import read_image
+from construct.errors import ConStructError
 from construct_lab.synthetic.slide import write_synthetic_slide
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -67,5 +68,5 @@ def test_the_api_example_segments_a_tile_and_a_slide(tiny_run, tmp_path) -> None
 
 
 def test_the_api_names_a_missing_config(tmp_path) -> None:
-    with pytest.raises(construct.api.ConStructError, match="no config.yaml beside it"):
+    with pytest.raises(ConStructError, match="no config.yaml beside it"):
         construct.load_segmenter(tmp_path / "best.pth")
