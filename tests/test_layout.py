@@ -25,6 +25,8 @@ ENTRY_POINTS = [
     ["visualization_utils/generate_cam.py"],
     ["visualization_utils/visualize_prototypes.py"],
     ["visualization_utils/predict_slide.py"],
+    ["-m", "construct.commands.check_data"],
+    ["-m", "construct.commands.check_prompts"],
     ["-m", "construct_lab.synthetic.tiles"],
     ["-m", "construct_lab.synthetic.slide"],
     ["-m", "construct_lab.ablate"],
