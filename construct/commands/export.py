@@ -17,7 +17,7 @@ from tqdm import tqdm
 from construct.atomic import atomic_path, write_text_atomic
 from construct.classes import ClassSet
 from construct.cli import run_cli
-from construct.data.datasets import ImageFolderDataset, collate_same_size
+from construct.data.datasets import ImageFolderDataset, collate_same_size, same_size_batches
 from construct.data.io import read_image, write_image, write_mask
 from construct.inference.predictor import Predictor, to_uint8_images
 from construct.inference.render import overlay
@@ -76,7 +76,7 @@ def predict_split(predictor: Predictor, dataset: Dataset, protocol: str, num_wor
     """Split images in batches of one size each; every image is predicted at its own size."""
     loader = DataLoader(dataset, batch_size=predictor.config.inference.batch_size, num_workers=num_workers,
                         collate_fn=collate_same_size)
-    for batch in (group for groups in loader for group in groups):
+    for batch in same_size_batches(loader):
         predictions = predictor.predict_batch(batch["image"], presence_of(batch), protocol, batch["name"])
         for name, image, prediction in zip(batch["name"], to_uint8_images(batch["image"]), predictions):
             save_outputs(out_dir, name, image, prediction.mask, prediction.cams if args.save_cam else None, args.overlay,

@@ -14,7 +14,7 @@ own size, so a batch is only ever formed of same-size images (:func:`collate_sam
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,6 +215,13 @@ def collate_same_size(items: Sequence[dict]) -> list[dict]:
     for item in items:
         groups.setdefault(tuple(item["image"].shape), []).append(item)
     return [default_collate(group) for group in groups.values()]
+
+
+def same_size_batches(loader: Iterable[dict | list[dict]]) -> Iterator[dict]:
+    """The batches of a loader, one per image size: it may collate with :func:`collate_same_size`
+    (lists of batches) or stack plain batches of one size."""
+    for batch in loader:
+        yield from (batch if isinstance(batch, list) else [batch])
 
 
 class EvalDataset(Dataset):

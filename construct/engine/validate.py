@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from construct.classes import ClassSet
 from construct.config import BackgroundPriorConfig, Config
+from construct.data.datasets import same_size_batches
 from construct.inference.postprocess import (
     apply_background_prior,
     cam_probabilities,
@@ -30,7 +31,8 @@ from construct.models.construct import ConStructModel
 def validate(model: ConStructModel, loader: DataLoader, config: Config, device: torch.device) -> dict[str, Any]:
     """mIoU (``train.validation``: fast path or full pipeline) and per-class presence accuracy on an evaluation split.
 
-    ``loader`` yields lists of same-size batches (:func:`~construct.data.datasets.collate_same_size`);
+    ``loader`` yields batches of one image size each (plain, or lists from
+    :func:`~construct.data.datasets.collate_same_size`);
     each image is predicted at its own size and scored against its own mask.
     """
     was_training = model.training
@@ -46,7 +48,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
         own = dataclasses.replace(config, inference=dataclasses.replace(inference, fast_path=False))
         predictor = Predictor(model, own, device, tta=True, crf=inference.crf.enabled)
     try:
-        for batch in (group for groups in loader for group in groups):  # one group per image size
+        for batch in same_size_batches(loader):
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             truth = batch["presence"].to(device)

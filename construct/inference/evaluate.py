@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from construct.classes import ClassSet
 from construct.config import Config
-from construct.data.datasets import collate_same_size
+from construct.data.datasets import collate_same_size, same_size_batches
 from construct.inference.predictor import Predictor
 from construct.metrics import ConfusionMatrix, SegmentationMetrics
 
@@ -25,7 +25,7 @@ def evaluate_split(predictor: Predictor, dataset: Dataset, config: Config, proto
     names = ClassSet.from_config(config).all_names
     confusions = {protocol: ConfusionMatrix(names) for protocol in protocols}
     with tqdm(total=len(dataset), desc=description, unit="img", dynamic_ncols=True) as progress:
-        for batch in (group for groups in loader for group in groups):  # one group per image size
+        for batch in same_size_batches(loader):
             cams, logits = predictor.network(batch["image"], batch["name"])
             for protocol in protocols:
                 predictions = predictor.postprocess(batch["image"], cams, logits, protocol, batch["presence"])
