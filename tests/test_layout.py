@@ -32,6 +32,7 @@ ENTRY_POINTS = [
     ["-m", "construct_lab.ablate"],
     ["-m", "construct_lab.bench"],
     ["-m", "construct_lab.bench_slide"],
+    ["-m", "construct_lab.bench_data_check"],
     ["-m", "construct_lab.demo"],
     ["-m", "construct_lab.pretrain_tiny"],
     ["-m", "construct_lab.config_reference"],

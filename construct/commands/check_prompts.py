@@ -35,12 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         "labelled split, per class, with the confusion between classes; warns where CONCH places a class's "
         "regions nearer another prompt (then L_sim pulls that class's CAM the wrong way: rewrite the prompt or "
         "lower loss.sim_weight). Reads model.conch (the real CONCH or the testbed's tiny tower).")
-    parser.add_argument("--config", required=True, help="YAML config (data, model.conch, loss.sim_views are read)")
+    parser.add_argument("--config", required=True, help="YAML config (its data and model.conch sections are read)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. data.root=/data/mine model.conch.checkpoint=/weights/conch.bin")
     parser.add_argument("--split", choices=("val", "test"), default="val", help="labelled split to use (default: val)")
     parser.add_argument("--min-share", type=float, default=0.1, metavar="F",
                         help="a class region must cover at least this share of its tile (default 0.1)")
+    parser.add_argument("--views", choices=("image", "tokens"), default="image",
+                        help="how a class region is embedded: 'image' = the tile with other pixels blacked out, through "
+                        "CONCH's image encoder (default: the tissue alone); 'tokens' = the tile's last-block tokens pooled "
+                        "with the region as weights (what L_sim sees with loss.sim_views: tokens, context included)")
     parser.add_argument("--warn-below", type=float, default=WARN_BELOW, metavar="F",
                         help=f"warn for a class whose zero-shot accuracy is below this (default {WARN_BELOW})")
     parser.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="use only the first N images")
@@ -89,13 +93,13 @@ def main(args: argparse.Namespace) -> None:
                                    "test": config.data.split_folders.test})
     count = min(len(dataset), args.max_images or len(dataset))
     conch = load_configured_conch(config, device)
-    views = config.loss.sim_views
+    views = args.views
     result = check_prompts(conch, classes.prompts, classes.names,
                            tile_batches(dataset, config.model.image_size, config.inference.batch_size, count),
                            min_share=args.min_share, views=views)
     source = config.model.conch.checkpoint or f"random weights (model.conch.checkpoint is null; train.seed {config.train.seed})"
     print(f"prompt check: CONCH {source}, {config.data.name} {args.split} split, {result.images} images, class regions "
-          f">= {100 * args.min_share:.0f}% of a tile, embedded as L_sim's '{views}' views")
+          f">= {100 * args.min_share:.0f}% of a tile, {views} views")
     print(result.format(args.warn_below))
     if args.out is not None:
         record = {"checkpoint": config.model.conch.checkpoint, "split": args.split, "images": result.images,

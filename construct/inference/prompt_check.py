@@ -6,10 +6,13 @@ wrong way; on the testbed it cost a class its IoU and the full loss ~12 points o
 (docs/ablation.md, 3.3). This check measures it on labelled data before any training.
 
 Each view is one class region of one val tile, taken as L_sim takes its views but with the true
-mask in place of the CAM: ``tokens`` pools the tile's last-block tokens with the region's share of
-each token as attention weights, ``image`` encodes the tile with the other pixels blacked out
-(``loss.sim_views``). A view counts as understood when its embedding is closest to its own
-class's prompt among the class prompts.
+mask in place of the CAM. ``image`` (the default of the check) encodes the tile with the other
+pixels blacked out: what CONCH makes of that tissue alone, the zero-shot accuracy the testbed's
+ablation relates to L_sim's gain or loss. ``tokens`` pools the tile's last-block tokens with the
+region's share of each token as attention weights (``loss.sim_views: tokens``); those tokens have
+attended to the whole tile, so a small region's view leans towards its neighbours and scores
+lower. A view counts as understood when its embedding is closest to its own class's prompt among
+the class prompts.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def class_region_embeddings(conch: ConchModel, images: torch.Tensor, masks: torc
 @torch.no_grad()
 def check_prompts(conch: ConchModel, prompts: Sequence[str], names: Sequence[str],
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], min_share: float = 0.1,
-                  views: str = "tokens") -> PromptCheck:
+                  views: str = "image") -> PromptCheck:
     """Zero-shot confusion of the class-region views of ``batches`` ((images, masks) at the tile size)."""
     device = next(conch.parameters()).device
     text = conch.encode_text(conch.tokenize(list(prompts)).to(device))
