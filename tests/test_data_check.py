@@ -199,7 +199,6 @@ def test_mixed_sizes_are_batched_by_size():
 
 
 def test_prompt_check_counts_every_class_region(clean_data, tmp_path, capsys):
-    config = config_for(clean_data, tmp_path / "run")
     dataset = EvalDataset(clean_data, "val", BCSS)
     min_share = 0.1
     expected = np.zeros(BCSS.num_classes, int)

@@ -21,10 +21,10 @@ from tqdm import tqdm
 from construct.atomic import write_text_atomic
 from construct.classes import ClassSet
 from construct.cli import add_device_arguments, resolve_device, run_cli
-from construct.config import load_config
-from construct.data.datasets import EvalDataset, resize_image
-from construct.errors import ConfigError
 from construct.commands.common import positive_int
+from construct.config import Config, load_config
+from construct.data.datasets import EvalDataset, resize_image, split_folders
+from construct.errors import ConfigError
 from construct.inference.prompt_check import WARN_BELOW, check_prompts
 from construct.models.conch import ConchModel, load_conch
 
@@ -70,7 +70,7 @@ def tile_batches(dataset: EvalDataset, tile: int, batch_size: int, count: int) -
             images, masks = [], []
 
 
-def load_configured_conch(config, device: torch.device) -> ConchModel:
+def load_configured_conch(config: Config, device: torch.device) -> ConchModel:
     """CONCH as build_model loads it (random weights from train.seed when model.conch.checkpoint is null)."""
     conch_cfg = config.model.conch
     with torch.random.fork_rng(devices=[]):
@@ -88,9 +88,7 @@ def main(args: argparse.Namespace) -> None:
     if not 0 < args.min_share <= 1:
         raise ConfigError(f"--min-share must lie in (0, 1], got {args.min_share}")
     classes = ClassSet.from_config(config)
-    dataset = EvalDataset(config.data.root, args.split, classes,
-                          folders={"train": config.data.split_folders.train, "val": config.data.split_folders.val,
-                                   "test": config.data.split_folders.test})
+    dataset = EvalDataset(config.data.root, args.split, classes, folders=split_folders(config))
     count = min(len(dataset), args.max_images or len(dataset))
     conch = load_configured_conch(config, device)
     views = args.views

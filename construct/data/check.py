@@ -22,7 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from construct.classes import ClassSet
-from construct.data.datasets import DEFAULT_FOLDERS, image_folder, list_images, missing_tile_reason, pair_masks, resolve_split_dir
+from construct.data.datasets import (
+    DEFAULT_FOLDERS,
+    image_folder,
+    list_images,
+    missing_tile_reason,
+    pair_masks,
+    resolve_split_dir,
+    split_folders,
+)
 from construct.data.io import image_header, read_mask
 from construct.data.labels import parse_label, read_label_csv
 from construct.errors import DataError
@@ -148,11 +156,9 @@ def check_dataset(root: str | Path, classes: ClassSet, tile_size: int, splits: S
 def check_config_data(config: Config, splits: Sequence[str] = ("train", "val", "test"),
                       optional: Iterable[str] = ("test",), progress: bool = True) -> DataReport:
     """:func:`check_dataset` of ``config``'s dataset (its root, classes, label source, folders and tile size)."""
-    folders = config.data.split_folders
     splits = list(dict.fromkeys("val" if split == "valid" else split for split in splits))
     return check_dataset(config.data.root, ClassSet.from_config(config), config.model.image_size, splits,
-                         label_csv=config.data.label_csv,
-                         folders={"train": folders.train, "val": folders.val, "test": folders.test},
+                         label_csv=config.data.label_csv, folders=split_folders(config),
                          optional=optional, progress=progress)
 
 

@@ -3,10 +3,8 @@ window of overlapping tiles with averaged CAMs, smaller ones upsampled to the ti
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
