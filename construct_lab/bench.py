@@ -158,9 +158,9 @@ def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, 
 def bench_inference(device: torch.device, images_count: int) -> dict[str, Any]:
     import numpy as np
 
-    from construct_lab.synthetic.tiles import make_tile
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
+    from construct_lab.synthetic.tiles import make_tile
 
     configs = {mode: real_size_config(f"inference.tta={mode}") for mode in ("intensity", "resize")}
     torch.manual_seed(0)

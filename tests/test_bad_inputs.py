@@ -24,12 +24,12 @@ from construct.checkpoint import FORMAT
 from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
-from construct_lab.synthetic.tiles import generate_dataset
-from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch
+from construct_lab.synthetic.slide import write_synthetic_slide
+from construct_lab.synthetic.tiles import generate_dataset
 
 SIZE = 64
 

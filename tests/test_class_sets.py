@@ -23,13 +23,13 @@ from construct.config import load_config
 from construct.data.datasets import TrainDataset, eval_dataset, train_dataset
 from construct.data.io import read_mask, write_mask
 from construct.data.labels import parse_label, read_label_csv
-from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import ConfigError, DataError
 from construct.inference.postprocess import apply_background_prior
 from construct.metrics import ConfusionMatrix
 from construct_lab.prepare import prepare_inputs
+from construct_lab.synthetic.slide import write_synthetic_slide
 
 CPU = torch.device("cpu")
 TRAINING = ["data.num_workers=0", "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8",

@@ -15,18 +15,17 @@ import pytest
 import shapely
 import torch
 from shapely.geometry import shape
-
 from support import DEMO_RANDOM, REPO
 
 from construct.checkpoint import save_checkpoint
 from construct.classes import ClassSet
 from construct.config import load_config, save_config
 from construct.data.mask_tiff import MaskTiffWriter, read_level
-from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.inference import cohort, regions
 from construct.inference.cohort import split_by_area
 from construct.inference.regions import RegionSettings, rasterize_regions, trace_level, write_regions
 from construct.models.build import build_model
+from construct_lab.synthetic.slide import write_synthetic_slide
 
 SCRIPT = REPO / "visualization_utils" / "predict_slide.py"
 CLASSES = ClassSet.from_names(["TUM", "STR", "LYM", "NEC"], [(200, 0, 0), (0, 150, 0), (0, 0, 200), (150, 0, 150)])

@@ -23,8 +23,8 @@ from construct.data import (
     write_image,
     write_mask,
 )
-from construct_lab.synthetic.tiles import MANIFEST, generate_dataset, main, make_tile, tile_rng
 from construct.errors import DataError
+from construct_lab.synthetic.tiles import MANIFEST, generate_dataset, main, make_tile, tile_rng
 
 RNG = np.random.default_rng(0)
 

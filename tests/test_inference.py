@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from support import DEMO_RANDOM, HE_FIXTURE
 
 from construct.config import CrfConfig, load_config

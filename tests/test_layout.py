@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import REPO
 
 PACKAGES = (REPO / "construct", REPO / "construct_lab")
 
 # Layers that must not reach up into the training engine or the applications.
 LOWER_LAYERS = ("construct.models", "construct.data", "construct.losses", "construct.inference")
-UPPER_LAYERS = ("construct.engine", "construct.commands", "construct_lab")
+UPPER_LAYERS = ("construct.engine", "construct.commands", "construct.api", "construct_lab")
 
 ENTRY_POINTS = [
     ["main.py"],

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support import tiny_config
 
-from support import DEMO_RANDOM
-
-from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.models.build import build_model, build_teacher
-
-
-
-def tiny_config(*overrides: str):
-    return load_config(DEMO_RANDOM, ["model.image_size=64", *overrides])
-
-
-@pytest.fixture(scope="module")
-def batch():
-    generator = torch.Generator().manual_seed(1)
-    images = torch.rand(3, 3, 64, 64, generator=generator)
-    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    return images, labels
 
 
 def objective_for(*overrides: str) -> ConStructObjective:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-from support import DEMO_RANDOM
+from support import DEMO_RANDOM, tiny_config
 
 from construct.config import load_config
 from construct.engine.objective import ConStructObjective
@@ -18,21 +15,12 @@ from construct.models.build import build_model
 from construct.models.conch import load_conch
 
 
-
 def sim_objective(*overrides: str) -> ConStructObjective:
-    config = load_config(DEMO_RANDOM, ["model.image_size=64", "loss.struct_weight=0", "loss.cls_weight=0", *overrides])
+    config = tiny_config("loss.struct_weight=0", "loss.cls_weight=0", *overrides)
     model = build_model(config)
     for adapter in model.adapters.values():  # leave the identity start so every adapter weight is on the path
         torch.nn.init.normal_(adapter.body[-1].weight, std=0.02)
     return ConStructObjective(model, None, config).train()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    generator = torch.Generator().manual_seed(3)
-    images = torch.rand(3, 3, 64, 64, generator=generator)
-    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    return images, labels
 
 
 def trainable_grads(objective: ConStructObjective) -> dict[str, float]:

@@ -7,7 +7,6 @@ import json
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import openslide
@@ -24,10 +23,6 @@ from construct.config import load_config
 from construct.data.io import read_image
 from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
 from construct.data.slide_reader import ArrayReader, OpenSlideReader
-from construct_lab.synthetic.tiles import generate_dataset
-from construct_lab.synthetic.slide import GLASS, SyntheticSlide, write_synthetic_slide
-from construct.engine.distributed import DistInfo
-from construct.engine.trainer import train
 from construct.errors import DataError
 from construct.inference import streaming
 from construct.inference.cam_canvas import CamCanvas
@@ -37,6 +32,7 @@ from construct.inference.slide import open_slide, predict_slide
 from construct.inference.streaming import canvas_cell, predict_region, tile_offsets
 from construct.inference.tissue import TissueMask, detect_tissue
 from construct.models.build import build_model
+from construct_lab.synthetic.slide import GLASS, SyntheticSlide, write_synthetic_slide
 
 SVS = FIXTURES / "cmu_small_region.svs"
 HE_CROP = FIXTURES / "he_cmu1_crop_768.png"
@@ -255,25 +251,12 @@ def test_slide_without_tissue_is_refused(tmp_path):
 # --- the real Aperio slide, end to end through the command ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A 2-iteration demo run (tiny random backbones, 224 px) on 8/2/3 synthetic tiles."""
-    root = tmp_path_factory.mktemp("slide_run")
-    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
-    config = load_config(DEMO_RANDOM, [
-        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "testbed.dataset=null", "data.num_workers=0",
-        "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8", "loss.sim_weight=0",
-    ])
-    train(config, DistInfo(device=CPU))
-    return root / "run"
-
-
-def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
+def test_predict_slide_on_the_aperio_fixture(tiny_run, tmp_path):
     out = tmp_path / "out"
     # data.mpp=2.0: the model reads the 0.499 µm/px slide at 2 µm/px (16x fewer pixels: a fast test that
     # also resamples; the mask still comes out on the slide's own 0.499 µm/px grid).
     result = subprocess.run([sys.executable, str(REPO / "visualization_utils" / "predict_slide.py"), str(SVS),
-                             "--config", str(run_dir / "config.yaml"), "--checkpoint", str(run_dir / "best.pth"),
+                             "--config", str(tiny_run / "config.yaml"), "--checkpoint", str(tiny_run / "best.pth"),
                              "--device", "cpu", "--no-tta", "--out-dir", str(out), "--opts", "data.mpp=2.0"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -318,7 +301,7 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
                      if f["properties"]["classification"]["name"] == name) / 1e6
         assert traced == pytest.approx(areas[name], rel=0.02, abs=1e-4)
     assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 1  # 1 µm/px
-    classes = ClassSet.from_config(load_config(run_dir / "config.yaml"))
+    classes = ClassSet.from_config(load_config(tiny_run / "config.yaml"))
     with OpenSlideReader(SVS) as reader:
         tissue = open_slide(SVS, config_with()).tissue.sample(0, 0, *reader.size)
     drawn = rasterize_regions(geojson, (2220, 2967), classes)

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from support import REPO
 
 SCANNED = [REPO / "main.py", *sorted((REPO / "construct").rglob("*.py")), *sorted((REPO / "construct_lab").rglob("*.py")),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from support import BCSS
 
-from construct_lab.synthetic.tiles import PAINTERS, STYLES, generate_dataset, make_tile, paint
 from construct.errors import ConfigError, DataError
 from construct.models.conch import load_conch
 from construct.models.segformer import load_mit_teacher
+from construct_lab.synthetic.tiles import PAINTERS, STYLES, generate_dataset, make_tile, paint
 from construct_lab.testbed.premises import pure_tiles, zero_shot_accuracy
 from construct_lab.testbed.pretrain import Budget, ensure_testbed, pretrain_conch, read_manifest, tower_paths
 

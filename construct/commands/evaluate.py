@@ -13,13 +13,13 @@ from pathlib import Path
 
 from construct.atomic import write_text_atomic
 from construct.cli import run_cli
+from construct.commands.common import add_inference_arguments, add_model_arguments, first, load_settings, make_predictor
 from construct.data.check import check_config_data
 from construct.data.datasets import eval_dataset
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.metrics import BACKGROUND_CONVENTIONS
 from construct.models.build import load_trained_model
-from construct.commands.common import add_inference_arguments, add_model_arguments, first, load_settings, make_predictor
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,11 +17,6 @@ from tqdm import tqdm
 from construct.atomic import atomic_path, write_text_atomic
 from construct.classes import ClassSet
 from construct.cli import run_cli
-from construct.data.datasets import ImageFolderDataset, collate_same_size, same_size_batches
-from construct.data.io import read_image, write_image, write_mask
-from construct.inference.predictor import Predictor, to_uint8_images
-from construct.inference.render import overlay
-from construct.inference.streaming import predict_region
 from construct.commands.common import (
     add_inference_arguments,
     add_model_arguments,
@@ -31,6 +26,11 @@ from construct.commands.common import (
     presence_of,
     split_dataset,
 )
+from construct.data.datasets import ImageFolderDataset, collate_same_size, same_size_batches
+from construct.data.io import read_image, write_image, write_mask
+from construct.inference.predictor import Predictor, to_uint8_images
+from construct.inference.render import overlay
+from construct.inference.streaming import predict_region
 
 
 def build_parser() -> argparse.ArgumentParser:

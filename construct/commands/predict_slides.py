@@ -19,6 +19,13 @@ from tqdm import tqdm
 
 from construct.classes import ClassSet
 from construct.cli import run_cli
+from construct.commands.common import (
+    add_inference_arguments,
+    add_model_arguments,
+    load_settings,
+    make_predictor,
+    positive_int,
+)
 from construct.data.slide_reader import require_slide_file
 from construct.engine.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed
 from construct.inference.cohort import (
@@ -34,13 +41,6 @@ from construct.inference.cohort import (
 )
 from construct.inference.slide import OVERVIEW_SIDE
 from construct.models.build import load_trained_model
-from construct.commands.common import (
-    add_inference_arguments,
-    add_model_arguments,
-    load_settings,
-    make_predictor,
-    positive_int,
-)
 
 COHORT_WAIT = datetime.timedelta(days=7)
 """How long a rank that has finished its slides waits for the others (the table is merged after the last)."""

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from construct.data.datasets import to_tensor
-from construct_lab.synthetic.tiles import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
+from construct_lab.synthetic.tiles import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct_lab.testbed.augment import stain_jitter
 from construct_lab.testbed.captions import caption
 from construct_lab.testbed.premises import measure_premises
