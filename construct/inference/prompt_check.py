@@ -26,8 +26,11 @@ import torch.nn.functional as F
 
 from construct.models.conch import ConchModel
 
-WARN_BELOW = 0.8
-"""Default per-class zero-shot accuracy below which a class is reported as poorly understood."""
+WARN_BELOW = 0.7
+"""Default per-class zero-shot accuracy below which a class is reported as poorly understood. A
+heuristic set between the testbed's two regimes (docs/datasets.md): in style, where L_sim pays off
+over a long run, every class scores 77-100 %; on the painter the towers never saw, where L_sim
+costs ~12 points, three of four classes score 21-47 %."""
 
 
 @dataclass
