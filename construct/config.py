@@ -220,10 +220,9 @@ class LossConfig:
     struct_weight: float = 1.5
     """lambda_struct: weight of the relational structural distillation loss (0 = off, no teacher)."""
     sim_weight: float = 0.2
-    """lambda_sim: weight of the FG/BG contrastive loss (0 = off). The paper's 0.2 is kept: on the
-    testbed it wins over 1,800 iterations on one synthetic tissue and loses on another whose classes
-    CONCH names less well, so compare with 0 on a cohort unlike CONCH's training data
-    (docs/ablation.md)."""
+    """lambda_sim: weight of the FG/BG contrastive loss (0 = off). L_sim pulls each CAM towards what
+    CONCH's text prompt says the class looks like, so on a cohort whose classes CONCH may not know,
+    compare with 0 on your validation split (docs/ablation.md)."""
     fg_threshold: float = 0.5
     """alpha of the adaptive FG threshold: FG = CAM >= alpha * max."""
     threshold_max: Literal["per_image", "per_class"] = "per_class"
@@ -250,9 +249,7 @@ class LossConfig:
     checkpointing, holding one chunk's activations at a time (0 = all at once, all kept)."""
     sim_warmup: float = 0.0
     """Share of the training iterations (0 <= x < 1) during which L_sim is off and not computed;
-    from then on it counts at full weight lambda_sim (0 = on from the start, as in the paper). The
-    default stays 0: on the testbed 0.5 helps at 600 iterations but loses to 0 on every seed over
-    1,800 (docs/ablation.md)."""
+    from then on it counts at full weight lambda_sim (0 = on from the start, as in the paper)."""
 
 
 @dataclass

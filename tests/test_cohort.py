@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from support import DEMO_RANDOM, REPO
 
 from construct.checkpoint import save_checkpoint
 from construct.classes import ClassSet
+from construct.cli import run_cli
+from construct.commands import predict_slides
 from construct.config import load_config, save_config
 from construct.data.mask_tiff import MaskTiffWriter, read_level
 from construct.inference import cohort, regions
@@ -137,9 +138,8 @@ def command_args(run: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run_in_process(argv: list[str]) -> int:
-    namespace = runpy.run_path(str(SCRIPT))
     with pytest.raises(SystemExit) as stopped:
-        namespace["run_cli"](namespace["main"], namespace["build_parser"](), argv)
+        run_cli(predict_slides.main, predict_slides.build_parser(), argv)
         raise SystemExit(0)
     return stopped.value.code
 

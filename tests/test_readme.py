@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 from support import HE_FIXTURE, REPO
 
 import construct

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import importlib
 import json
-import runpy
 import shutil
 import subprocess
 import sys
@@ -23,10 +22,14 @@ SCRIPTS = REPO / "visualization_utils"
 METRICS = ("miou", "mdice", "fwiou", "pixel_accuracy")
 
 
-@functools.cache
+COMMANDS = {"evaluate_performance": "evaluate", "generate_cam": "export", "visualize_prototypes": "prototypes",
+            "predict_slide": "predict_slides"}
+"""The module in construct/commands behind each paper script."""
+
+
 def script(name: str) -> dict:
-    """The namespace of a script, for in-process calls that need no fresh interpreter."""
-    return runpy.run_path(str(SCRIPTS / f"{name}.py"))
+    """The namespace of a script's command, for in-process calls that need no fresh interpreter."""
+    return vars(importlib.import_module(f"construct.commands.{COMMANDS[name]}"))
 
 
 def run_script(name: str, *args: str | Path) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ real Aperio fixture end to end (tiny random models; small synthetic slides built
 from __future__ import annotations
 
 import json
-import runpy
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from shapely.geometry import shape
 from support import BCSS, DEMO_RANDOM, FIXTURES, REPO
 
 from construct.classes import ClassSet
+from construct.commands import predict_slides
 from construct.config import load_config
 from construct.data.io import read_image
 from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
@@ -146,8 +146,7 @@ def test_mpp_flag_only_fills_in_a_missing_resolution(tmp_path):
 
 
 def test_predict_slide_help_explains_every_option(capsys):
-    namespace = runpy.run_path(str(REPO / "visualization_utils" / "predict_slide.py"))
-    parser = namespace["build_parser"]()
+    parser = predict_slides.build_parser()
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--help"])
     assert exit_info.value.code == 0
