@@ -181,7 +181,8 @@ def _check_train(root: Path, folder: Path, paths: list[Path], classes: ClassSet,
         csv_path = root / label_csv
         by_name = read_label_csv(csv_path, classes.names, problems)
         present = {p.name for p in paths}
-        problems += [f"{csv_path}: row for {name}: {missing_tile_reason(name, folder, paths)}"
+        by_stem = {p.stem: p.name for p in paths}
+        problems += [f"{csv_path}: row for {name}: {missing_tile_reason(name, folder, by_stem)}"
                      for name in by_name if name not in present]
     for path in paths:
         label = None

@@ -153,7 +153,8 @@ def _labels_from_csv(csv_path: Path, classes: ClassSet, image_dir: Path, paths: 
     present = {p.name for p in paths}
     for name in by_name:
         if name not in present:
-            raise DataError(f"{csv_path}: row for {name}: {missing_tile_reason(name, image_dir, paths)}")
+            reason = missing_tile_reason(name, image_dir, {p.stem: p.name for p in paths})
+            raise DataError(f"{csv_path}: row for {name}: {reason}")
     unlabelled = [p.name for p in paths if p.name not in by_name]
     if unlabelled:
         raise DataError(f"{image_dir / unlabelled[0]}: no row in {csv_path}"
@@ -161,14 +162,15 @@ def _labels_from_csv(csv_path: Path, classes: ClassSet, image_dir: Path, paths: 
     return torch.stack([by_name[p.name] for p in paths])
 
 
-def missing_tile_reason(name: str, image_dir: Path, paths: Sequence[Path]) -> str:
-    """Why a CSV row's file name matches no tile: absent, or present under another suffix or format."""
+def missing_tile_reason(name: str, image_dir: Path, names_by_stem: Mapping[str, str]) -> str:
+    """Why a CSV row's file name matches no tile: absent, or present under another suffix or format.
+
+    ``names_by_stem``: the split's tile file names by stem (built once per split)."""
     if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
         return f"not a tile name (tiles end in {', '.join(IMAGE_SUFFIXES)})"
-    stem = Path(name).stem
-    others = [p.name for p in paths if p.stem == stem]
-    if others:
-        return f"no such tile in {image_dir}, but {others[0]} is there (the row must name the file exactly)"
+    other = names_by_stem.get(Path(name).stem)
+    if other is not None:
+        return f"no such tile in {image_dir}, but {other} is there (the row must name the file exactly)"
     return f"no such tile in {image_dir}"
 
 
