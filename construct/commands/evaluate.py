@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     config, device = load_settings(args)
     # every image header and mask of the split, before the model is loaded: all problems at once
-    check_config_data(config, [args.split], optional=()).raise_if_problems()
+    check_config_data(config, [args.split], optional=(), progress=False).raise_if_problems()
     model = load_trained_model(config, args.checkpoint, device)
     if args.background is not None:
         config = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, background=args.background))

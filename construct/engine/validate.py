@@ -54,7 +54,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
             truth = batch["presence"].to(device)
             if predictor is None:
                 cams, logits = forward_any_size(partial(_cams_and_logits, model), images, config.model.image_size,
-                                                window_stride(config), inference.batch_size, batch["name"])
+                                                window_stride(config), inference.batch_size, batch.get("name"))
                 presence = select_presence(inference.presence, logits, inference.presence_gate, truth)
                 probs = cam_probabilities(cams, presence, masks.shape[-2:], inference.background_power,
                                           align_corners=inference.upsample_align_corners)
@@ -62,7 +62,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
                 if prior is not None:  # as the evaluation script and slide prediction apply it
                     predicted_masks = _with_background_prior(predicted_masks, images, prior, classes.background)
             else:
-                cams, logits = predictor.network(images, batch["name"])
+                cams, logits = predictor.network(images, batch.get("name"))
                 predictions = predictor.postprocess(images, cams, logits, inference.presence, truth)
                 predicted_masks = torch.from_numpy(np.stack([p.mask for p in predictions])).long().to(device)
             confusion.update(predicted_masks, masks)
