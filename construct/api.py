@@ -3,7 +3,7 @@
     import construct
     segmenter = construct.load_segmenter("work_dirs/bcss/construct/best.pth", device="cuda")
     result = segmenter.predict_tile("tile.png")       # result.mask: H×W class indices, result.class_names
-    report = segmenter.predict_slide("slide.svs", "out/")   # mask TIFF, overview, GeoJSON, areas JSON
+    report = segmenter.predict_slide("slide.svs", "out/")   # masks, overview, GeoJSON, areas JSON
 
 It runs the same inference as the command-line tools (construct/commands), with the settings of
 the config the checkpoint was trained with.

@@ -147,9 +147,25 @@ class DataConfig:
 
 
 @dataclass
+class StudentConfig:
+    """Which frozen vision-language model is the student (docs/students.md)."""
+
+    name: Literal["conch", "quiltnet", "openai_clip"] = "conch"
+    """'conch' (CONCH ViT-B/16, gated, CC BY-NC-ND 4.0; its file and options in model.conch), or an
+    OpenCLIP ViT-B/16 read from model.student.checkpoint: 'quiltnet' (QuiltNet-B-16, MIT) or
+    'openai_clip' (OpenAI CLIP ViT-B/16, MIT)."""
+    checkpoint: str | None = "pretrained_models/quiltnet"
+    """OpenCLIP students only: the Hugging Face folder as downloaded (open_clip_config.json and
+    open_clip_pytorch_model.bin or open_clip_model.safetensors) or the weight file itself; null =
+    random weights. The CONCH student reads model.conch.checkpoint instead."""
+    preset: Literal["vit_b16", "tiny"] = "vit_b16"
+    """OpenCLIP students only: the real ViT-B/16, or a tiny one of the same classes for tests."""
+
+
+@dataclass
 class ConchConfig:
     checkpoint: str | None = "pretrained_models/conch/pytorch_model.bin"
-    """Official CONCH weights; null = random weights (tests and the offline demo)."""
+    """Official CONCH weights (model.student.name: conch); null = random weights (tests and the offline demo)."""
     preset: Literal["vit_b16", "tiny"] = "vit_b16"
     """Architecture: the real ViT-B/16, or a tiny one of the same classes for tests and the demo."""
     tokenizer: str | None = None
@@ -180,10 +196,12 @@ class TeacherConfig:
 class ModelConfig:
     image_size: int = 224
     """Training tile size in pixels (a multiple of 16)."""
+    student: StudentConfig = field(default_factory=StudentConfig)
     conch: ConchConfig = field(default_factory=ConchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
-    """CONCH trunk blocks (0-indexed) that form the feature pyramid, one level each."""
+    """Student trunk blocks (0-indexed) that form the feature pyramid, one level each (ViT-B/16
+    students have 12 blocks, the tiny presets 4)."""
     level_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     """Resize factor of each pyramid level relative to the patch grid (0.5 = 2x2 average pool)."""
     cam_levels: list[int] = field(default_factory=lambda: [3])
@@ -331,8 +349,9 @@ class SlideConfig:
     tissue_saturation: float = 0.07
     """Minimum HSV saturation (0-1) of a tissue pixel on that thumbnail; glass is grey-white."""
     regions_simplify_um: float = 1.0
-    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with; they are traced on
-    the coarsest level of the mask pyramid whose pixel is no wider than this."""
+    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with (all classes together,
+    so that neighbours keep sharing their edges); they are traced on the coarsest level of the mask
+    pyramid whose pixel is no wider than half this."""
     regions_min_area_um2: float = 25.0
     """Regions smaller than this (µm²) are left out of <name>_regions.geojson: specks smaller than a nucleus
     (the areas JSON still counts every pixel)."""
@@ -610,6 +629,8 @@ def validate(config: Config, source: str) -> None:
             fail("model.teacher.checkpoint", f"must be {expected_teacher} (beside the testbed CONCH) when testbed.seed is set")
         if model.conch.preset != "tiny" or model.teacher.preset != "tiny":
             fail("testbed.seed", "needs the tiny presets (model.conch.preset and model.teacher.preset: tiny)")
+        if model.student.name != "conch":
+            fail("model.student.name", "must be conch when testbed.seed is set (the testbed's towers are CONCH-shaped)")
     validate_dataset(config.data, fail)
     dataset = config.testbed.dataset
     if dataset is not None and dataset.val_folder not in config.data.split_folders.val:
@@ -637,6 +658,9 @@ def validate(config: Config, source: str) -> None:
                 fail(f"model.conch.{key}", "is needed by model.conch.normalization: dataset and inference.crf_image: denormalized")
         elif len(values) != 3:
             fail(f"model.conch.{key}", f"needs 3 values (R, G, B), got {values}")
+    if conch.normalization == "dataset" and model.student.name != "conch":
+        fail("model.conch.normalization", f"'dataset' applies to the CONCH student only (model.student.name is "
+             f"{model.student.name})")
     if conch.dataset_std is not None and any(v <= 0 for v in conch.dataset_std):
         fail("model.conch.dataset_std", f"must all be positive, got {conch.dataset_std}")
     if config.loss.sim_max_pairs < 0:

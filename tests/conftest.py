@@ -33,7 +33,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained run folder (config.yaml, best.pth, latest.pth) for the modules that need a checkpoint:
     2 iterations of the tiny random model at 224 px (cls + struct) on 8/2/3 synthetic BCSS tiles
-    (<folder>/../data)."""
+    (the data folder beside it)."""
     root = tmp_path_factory.mktemp("tiny_run")
     generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
     config = load_config(DEMO_RANDOM, [

@@ -84,7 +84,7 @@ class TrunkInputs:
     """Records every tensor the CONCH trunk receives (its patch embedding's input) while in use."""
 
     def __init__(self, model) -> None:
-        self.patch_embed = model.conch.visual.trunk.patch_embed
+        self.patch_embed = model.student.visual.trunk.patch_embed
         self.seen: list[torch.Tensor] = []
 
     def __enter__(self) -> list[torch.Tensor]:

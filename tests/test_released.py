@@ -108,8 +108,8 @@ def test_sim_without_gradient_trains_like_weight_zero():
 
 def test_dataset_normalization_feeds_the_feature_pass_only():
     images, _ = batch(2)
-    clip = build_model(tiny_released_config("model.conch.normalization=clip")).conch
-    dataset = build_model(tiny_released_config()).conch
+    clip = build_model(tiny_released_config("model.conch.normalization=clip")).student
+    dataset = build_model(tiny_released_config()).student
     mean = torch.tensor([0.66791496, 0.47791372, 0.70623304]).view(1, 3, 1, 1)
     std = torch.tensor([0.1736589, 0.22564577, 0.19820057]).view(1, 3, 1, 1)
     with torch.no_grad():

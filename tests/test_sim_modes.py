@@ -36,7 +36,7 @@ def test_sim_alone_trains_adapters_and_prototypes(batch, views):
     for name in ("prototypes.prototypes", "adapters.2.body.0.weight", "adapters.2.body.3.weight", "adapters.2.body.6.weight",
                  "adaptive_layer.0.weight", "cam_scale"):
         assert grads[name] > 0, name
-    assert all(p.grad is None for p in objective.model.conch.parameters())
+    assert all(p.grad is None for p in objective.model.student.parameters())
 
 
 def test_prototype_gradient_mode_leaves_the_cam_path_alone(batch):
@@ -51,7 +51,7 @@ def test_prototype_gradient_mode_leaves_the_cam_path_alone(batch):
 def test_token_views_need_no_second_trunk_pass(batch, monkeypatch):
     objective = sim_objective("loss.sim_views=tokens")
     calls = []
-    conch = objective.model.conch
+    conch = objective.model.student
     monkeypatch.setattr(conch, "encode_image", lambda *a, **k: calls.append("encode_image"))
     original = conch.visual.trunk.forward_intermediates
     monkeypatch.setattr(conch.visual.trunk, "forward_intermediates",

@@ -15,7 +15,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, save_checkpoint
+from construct.checkpoint import (
+    backbone_identity,
+    check_backbones,
+    check_classes,
+    check_student,
+    load_checkpoint,
+    save_checkpoint,
+)
 from construct.classes import ClassSet
 from construct.config import Config, TrainConfig, config_to_dict, save_config
 from construct.data.check import check_config_data
@@ -26,7 +33,7 @@ from construct.engine.guard import FiniteLossGuard, TrainingError
 from construct.engine.objective import ConStructObjective
 from construct.engine.validate import validate
 from construct.errors import CheckpointError, os_error_reason
-from construct.models.build import build_model, build_teacher
+from construct.models.build import build_model, build_teacher, student_checkpoint
 from construct.models.construct import ConStructModel
 from construct.models.graphs import enable_fast_path
 
@@ -144,6 +151,8 @@ def train(
     device = dist_info.device
     work_dir = Path(config.work_dir)
     checkpoint = load_checkpoint(resume) if resume is not None else None
+    if checkpoint is not None:
+        check_student(checkpoint, config.model.student.name, resume)
     if dist_info.is_main:
         prepare_work_dir(config, resume is not None, overwrite)
         save_config(config, work_dir / "config.yaml")
@@ -176,7 +185,7 @@ def train(
     teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
     objective = ConStructObjective(model, teacher, config).to(device)
     if dist_info.is_main:
-        groups = {"conch (frozen)": list(model.conch.parameters())}
+        groups = {f"{model.student.name} (frozen)": list(model.student.parameters())}
         if teacher is not None:
             groups["teacher (frozen)"] = list(teacher.parameters())
         groups.update({"adapters": list(model.adapters.parameters()), "prototypes": list(model.prototypes.parameters()),
@@ -193,14 +202,14 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power,
                                                                           train_cfg.warmup_iters, train_cfg.warmup_ratio))
 
-    identity = backbone_identity(model.conch, teacher, config.model.conch.checkpoint, config.model.teacher.checkpoint)
+    identity = backbone_identity(model.student, teacher, student_checkpoint(config), config.model.teacher.checkpoint)
     iteration = 0
     best = {"miou": -1.0, "iteration": 0}
     if checkpoint is not None:
         check_classes(checkpoint, ClassSet.from_config(config).names, resume)
         iteration, best = _restore(checkpoint, resume, model, objective, optimizer, scheduler, identity)
     if cuda_fast:  # after the identity: its fingerprint reads the fp32 weights
-        for tower in (model.conch, teacher):
+        for tower in (model.student, teacher):
             if tower is not None:
                 enable_fast_path(tower)
 

@@ -44,7 +44,7 @@ def validate(model: ConStructModel, loader: DataLoader, config: Config, device: 
     inference = config.inference
     predictor = None
     if config.train.validation == "full":
-        # The training CONCH keeps the fast path train.fast_path gave it (inference.fast_path does not apply).
+        # The training student keeps the fast path train.fast_path gave it (inference.fast_path does not apply).
         own = dataclasses.replace(config, inference=dataclasses.replace(inference, fast_path=False))
         predictor = Predictor(model, own, device, tta=True, crf=inference.crf.enabled)
     try:

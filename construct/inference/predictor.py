@@ -69,15 +69,15 @@ class Predictor:
     ``inference.tta`` over ``inference.tta_factors`` × ``inference.tta_flip`` on every tile (off = one
     plain pass; :attr:`tta` says which ran); ``crf`` runs the dense CRF of
     ``inference.crf`` over ``workers`` processes (None = all cores). ``inference.fast_path`` on a
-    CUDA device replays CONCH's frozen forward as CUDA graphs with bf16 weights (one per TTA pass
-    shape; this changes ``model.conch`` for good). Close it (or use ``with``) to stop the CRF workers.
+    CUDA device replays the student's frozen forward as CUDA graphs with bf16 weights (one per TTA pass
+    shape; this changes ``model.student`` for good). Close it (or use ``with``) to stop the CRF workers.
     """
 
     def __init__(self, model: ConStructModel, config: Config, device: torch.device, tta: bool = True,
                  crf: bool = True, workers: int | None = None) -> None:
         self.model = model.to(device).eval()
         if config.inference.fast_path and device.type == "cuda":
-            enable_fast_path(self.model.conch)
+            enable_fast_path(self.model.student)
         self.config = config
         self.device = device
         self.inference = config.inference
