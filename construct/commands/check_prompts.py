@@ -1,7 +1,8 @@
 """Check the class prompts against labelled data before training:
 ``construct-check-prompts --config configs/bcss.yaml``.
 
-Zero-shot accuracy of CONCH (model.conch.checkpoint: the real weights or the testbed's tiny tower)
+Zero-shot accuracy of the student (model.student.name; CONCH from model.conch.checkpoint: the real
+weights or the testbed's tiny tower)
 on the class regions of the val split, per class, with the confusion between classes and a
 warning for each class CONCH places nearer another class's prompt (construct.inference.prompt_check
 says how the regions are embedded and why it matters for L_sim).
@@ -26,7 +27,8 @@ from construct.config import Config, load_config
 from construct.data.datasets import EvalDataset, resize_image, split_folders
 from construct.errors import ConfigError
 from construct.inference.prompt_check import WARN_BELOW, check_prompts
-from construct.models.conch import ConchModel, load_conch
+from construct.models.build import load_student, student_checkpoint
+from construct.models.student import Student
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot accuracy of the class prompts (data.classes[].prompt) on the class regions of a "
         "labelled split, per class, with the confusion between classes; warns where CONCH places a class's "
         "regions nearer another prompt (then L_sim pulls that class's CAM the wrong way: rewrite the prompt or "
-        "lower loss.sim_weight). Reads model.conch (the real CONCH or the testbed's tiny tower).")
-    parser.add_argument("--config", required=True, help="YAML config (its data and model.conch sections are read)")
+        "lower loss.sim_weight). Reads the student of model.student (CONCH: the real weights or the testbed's tiny tower).")
+    parser.add_argument("--config", required=True, help="YAML config (its data and model sections are read)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. data.root=/data/mine model.conch.checkpoint=/weights/conch.bin")
     parser.add_argument("--split", choices=("val", "test"), default="val", help="labelled split to use (default: val)")
@@ -70,16 +72,15 @@ def tile_batches(dataset: EvalDataset, tile: int, batch_size: int, count: int) -
             images, masks = [], []
 
 
-def load_configured_conch(config: Config, device: torch.device) -> ConchModel:
-    """CONCH as build_model loads it (random weights from train.seed when model.conch.checkpoint is null)."""
-    conch_cfg = config.model.conch
+def load_configured_student(config: Config, device: torch.device) -> Student:
+    """The student as build_model loads it (random weights from train.seed when its checkpoint is null)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        conch = load_conch(conch_cfg.checkpoint, image_size=config.model.image_size, preset=conch_cfg.preset,
-                           tokenizer_path=conch_cfg.tokenizer)
-    if conch_cfg.normalization == "dataset":
-        conch.set_feature_normalization(conch_cfg.dataset_mean, conch_cfg.dataset_std)
-    return conch.to(device).eval()
+        student = load_student(config)
+    conch_cfg = config.model.conch
+    if conch_cfg.normalization == "dataset":  # CONCH only (config validation)
+        student.set_feature_normalization(conch_cfg.dataset_mean, conch_cfg.dataset_std)
+    return student.to(device).eval()
 
 
 def main(args: argparse.Namespace) -> None:
@@ -90,17 +91,18 @@ def main(args: argparse.Namespace) -> None:
     classes = ClassSet.from_config(config)
     dataset = EvalDataset(config.data.root, args.split, classes, folders=split_folders(config))
     count = min(len(dataset), args.max_images or len(dataset))
-    conch = load_configured_conch(config, device)
+    student = load_configured_student(config, device)
     views = args.views
-    result = check_prompts(conch, classes.prompts, classes.names,
+    result = check_prompts(student, classes.prompts, classes.names,
                            tile_batches(dataset, config.model.image_size, config.inference.batch_size, count),
                            min_share=args.min_share, views=views)
-    source = config.model.conch.checkpoint or f"random weights (model.conch.checkpoint is null; train.seed {config.train.seed})"
-    print(f"prompt check: CONCH {source}, {config.data.name} {args.split} split, {result.images} images, class regions "
+    checkpoint = student_checkpoint(config)
+    source = checkpoint or f"random weights (no checkpoint; train.seed {config.train.seed})"
+    print(f"prompt check: {config.model.student.name} {source}, {config.data.name} {args.split} split, {result.images} images, class regions "
           f">= {100 * args.min_share:.0f}% of a tile, {views} views")
     print(result.format(args.warn_below))
     if args.out is not None:
-        record = {"checkpoint": config.model.conch.checkpoint, "split": args.split, "images": result.images,
+        record = {"student": config.model.student.name, "checkpoint": checkpoint, "split": args.split, "images": result.images,
                   "views": views, "min_share": args.min_share, "classes": list(classes.names),
                   "prompts": list(classes.prompts), "confusion": result.confusion.tolist(),
                   "accuracy": {n: (None if not r else float(a)) for n, r, a in

@@ -1,4 +1,4 @@
-"""Zero-shot check of the class prompts: does CONCH embed each class's regions nearest its own prompt?
+"""Zero-shot check of the class prompts: does the student (CONCH) embed each class's regions nearest its own prompt?
 
 L_sim (method.md §6) pulls each class's CAM towards the foreground views that CONCH embeds near
 the class's text prompt. Where CONCH's zero-shot view of a class is wrong, that pull points the
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from construct.models.conch import ConchModel
+from construct.models.student import Student
 
 WARN_BELOW = 0.7
 """Default per-class zero-shot accuracy below which a class is reported as poorly understood. A
@@ -87,7 +87,7 @@ class PromptCheck:
 
 
 @torch.no_grad()
-def class_region_embeddings(conch: ConchModel, images: torch.Tensor, masks: torch.Tensor, num_classes: int,
+def class_region_embeddings(student: Student, images: torch.Tensor, masks: torch.Tensor, num_classes: int,
                             min_share: float, views: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (P×512) and true classes (P) of the class regions of a batch.
 
@@ -99,28 +99,28 @@ def class_region_embeddings(conch: ConchModel, images: torch.Tensor, masks: torc
     shares = onehot.mean(dim=(2, 3))
     batch_idx, class_idx = torch.nonzero(shares >= min_share, as_tuple=True)
     if batch_idx.numel() == 0:
-        return torch.zeros(0, conch.visual.proj_contrast.shape[1]), class_idx
+        return torch.zeros(0, student.embed_dim), class_idx
     if views == "image":
         regions = images[batch_idx] * onehot[batch_idx, class_idx][:, None]
-        return conch.encode_image(regions), class_idx
-    _, tokens = conch.block_features_and_tokens(images, [len(conch.visual.trunk.blocks) - 1])
+        return student.encode_image(regions), class_idx
+    _, tokens = student.block_features_and_tokens(images, [0])  # the final tokens, whichever blocks are asked for
     grid = int(round((tokens.shape[1] - 1) ** 0.5))
     weights = F.adaptive_avg_pool2d(onehot, grid).flatten(2)  # B×C×N: the region's share of each token
-    return conch.encode_weighted_tokens(tokens[batch_idx], weights[batch_idx, class_idx]), class_idx
+    return student.encode_weighted_tokens(tokens[batch_idx], weights[batch_idx, class_idx]), class_idx
 
 
 @torch.no_grad()
-def check_prompts(conch: ConchModel, prompts: Sequence[str], names: Sequence[str],
+def check_prompts(student: Student, prompts: Sequence[str], names: Sequence[str],
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], min_share: float = 0.1,
                   views: str = "image") -> PromptCheck:
     """Zero-shot confusion of the class-region views of ``batches`` ((images, masks) at the tile size)."""
-    device = next(conch.parameters()).device
-    text = conch.encode_text(conch.tokenize(list(prompts)).to(device))
+    device = next(iter(student.parameters())).device
+    text = student.encode_text(student.tokenize(list(prompts)).to(device))
     count = len(names)
     confusion = np.zeros((count, count), np.int64)
     images_seen = 0
     for images, masks in batches:
-        embeddings, truth = class_region_embeddings(conch, images.to(device), masks.to(device), count, min_share, views)
+        embeddings, truth = class_region_embeddings(student, images.to(device), masks.to(device), count, min_share, views)
         nearest = (embeddings @ text.t()).argmax(dim=1) if len(truth) else truth
         np.add.at(confusion, (truth.cpu().numpy(), nearest.cpu().numpy()), 1)
         images_seen += len(images)
