@@ -110,9 +110,11 @@ class SplitFoldersConfig:
     """Folder names accepted for each split under data.root (the first that exists is used)."""
 
     train: list[str] = field(default_factory=lambda: ["train"])
-    """Train tiles: <root>/<name>/*.png, or <root>/<name>/img/*.png when that folder exists."""
+    """Train tiles: <root>/<name>/*.png, or <root>/<name>/img/*.png when that folder exists (tiles may
+    be .png, .jpg/.jpeg, .tif/.tiff or .bmp, of any size: training resizes them to model.image_size)."""
     val: list[str] = field(default_factory=lambda: ["val", "valid"])
-    """Validation: <root>/<name>/img/ and <root>/<name>/mask/ (only one of them may exist)."""
+    """Validation: <root>/<name>/img/ and <root>/<name>/mask/ (only one of them may exist); a mask is
+    the lossless .png/.tif/.tiff of its image's file stem, of the image's size."""
     test: list[str] = field(default_factory=lambda: ["test"])
     """Test: <root>/<name>/img/ and <root>/<name>/mask/."""
 
@@ -128,7 +130,8 @@ class DataConfig:
     label_csv: str | None = None
     """Image-level train labels: null = in the file names ([1101] or [1 1 0 1]); a CSV path (relative
     to data.root unless absolute) with a 'filename' column and either one 0/1 column per class or a
-    'labels' column of class names separated by spaces, commas or semicolons."""
+    'labels' column of class names separated by spaces, commas or semicolons. Cells are separated by
+    commas, semicolons or tabs (read from the header line)."""
     split_folders: SplitFoldersConfig = field(default_factory=SplitFoldersConfig)
     background_prior: BackgroundPriorConfig | None = None
     """When set, bright pixels are forced to background in every predicted mask (LUAD-HistoSeg:

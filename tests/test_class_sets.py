@@ -52,7 +52,7 @@ def luad_config(root: Path) -> Path:
         "_base_": [str(DEMO_RANDOM), str(REPO / "configs/datasets/luad_histoseg.yaml")],
         "work_dir": str(root / "run"),
         # TE, NEC, LYM, TAS drawn with the tumour, necrosis, lymphocyte and stroma textures
-        "data": {"root": str(root / "data"), "synthetic": {"train": 8, "val": 2, "test": 3, "seed": 1,
+        "data": {"root": str(root / "data")}, "testbed": {"dataset": {"train": 8, "val": 2, "test": 3, "seed": 1,
                  "textures": [0, 3, 2, 1], "label_format": "spaced", "val_folder": "valid", "alveoli": True}},
     })
 
@@ -64,7 +64,7 @@ def custom_config(root: Path) -> Path:
         "work_dir": str(root / "run"),
         "data": {"name": "my-cohort", "classes": CUSTOM_CLASSES, "label_csv": "labels.csv",
                  "background": {"name": "GLASS", "color": [250, 250, 250], "index": 0},
-                 "root": str(root / "data"), "synthetic": {"train": 8, "val": 2, "test": 3, "seed": 2}},
+                 "root": str(root / "data")}, "testbed": {"dataset": {"train": 8, "val": 2, "test": 3, "seed": 2}},
     })
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from construct.atomic import write_text_atomic
 from construct.cli import run_cli
-from construct.commands.common import add_inference_arguments, add_model_arguments, first, load, make_predictor
+from construct.commands.common import add_inference_arguments, add_model_arguments, first, load_settings, make_predictor
+from construct.data.check import check_config_data
 from construct.data.datasets import eval_dataset
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
 from construct.metrics import BACKGROUND_CONVENTIONS
+from construct.models.build import load_trained_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    config, model, device = load(args)
+    config, device = load_settings(args)
+    # every image header and mask of the split, before the model is loaded: all problems at once
+    check_config_data(config, [args.split], optional=(), progress=False).raise_if_problems()
+    model = load_trained_model(config, args.checkpoint, device)
     if args.background is not None:
         config = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, background=args.background))
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)

@@ -26,6 +26,7 @@ from construct.commands.common import (
     make_predictor,
     positive_int,
 )
+from construct.data.slide_reader import require_slide_file
 from construct.engine.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed
 from construct.inference.cohort import (
     DONE,
@@ -108,6 +109,8 @@ def progress_bars(prefix: str) -> Callable[[Path, tuple[int, int]], contextlib.A
 def main(args: argparse.Namespace) -> None:
     config, device = load_settings(args)
     paths = args.slides[:args.max_images] if args.max_images else args.slides
+    for path in paths:  # before the model is loaded: a folder or a typo is no slide
+        require_slide_file(path)
     check_unique_names(paths)
     out_dir = args.out_dir or args.checkpoint.parent / "slides"
     out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails here, before any work

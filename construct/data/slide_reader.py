@@ -25,6 +25,15 @@ from construct.errors import DataError
 WHITE = 255
 
 
+def require_slide_file(path: Path) -> None:
+    """DataError unless ``path`` is a file: a folder (whatever its name ends in) says it is one."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a slide file; pass the slide files inside it (e.g. {path}/*.svs; "
+                        "for MIRAX pass the .mrxs file beside its folder)")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+
+
 class RegionReader(Protocol):
     """What the streaming predictor reads from: a level-0 pixel grid and its resolution."""
 
@@ -100,8 +109,7 @@ class OpenSlideReader:
 
         self.path = Path(path)
         self.name = self.path.stem
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: file not found")
+        require_slide_file(self.path)
         try:
             self.slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideError as exc:

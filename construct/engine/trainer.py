@@ -25,7 +25,8 @@ from construct.checkpoint import (
 )
 from construct.classes import ClassSet
 from construct.config import Config, TrainConfig, config_to_dict, save_config
-from construct.data.datasets import eval_dataset, train_dataset
+from construct.data.check import check_config_data
+from construct.data.datasets import collate_same_size, eval_dataset, train_dataset
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.guard import FiniteLossGuard, TrainingError
@@ -138,7 +139,15 @@ def train(
     resume: str | Path | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
-    """Train ConStruct as configured; returns where the run ended and its best validation mIoU."""
+    """Train ConStruct as configured; returns where the run ended and its best validation mIoU.
+
+    The data check (construct.data.check) reads every label, tile header and val/test mask first:
+    a dataset problem stops the run before anything is written or built.
+    """
+    report = check_config_data(config, ("train", config.data.val_split, "test"), progress=dist_info.is_main)
+    if dist_info.is_main:
+        print(report.summary())
+    report.raise_if_problems()
     device = dist_info.device
     work_dir = Path(config.work_dir)
     checkpoint = load_checkpoint(resume) if resume is not None else None
@@ -169,7 +178,8 @@ def train(
     train_loader = DataLoader(SeededAugmentation(train_set, train_cfg.seed), batch_size=train_cfg.batch_size,
                               sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                               persistent_workers=fast_loader, prefetch_factor=4 if fast_loader else None)
-    val_loader = DataLoader(val_set, batch_size=config.inference.batch_size, num_workers=workers)
+    val_loader = DataLoader(val_set, batch_size=config.inference.batch_size, num_workers=workers,
+                            collate_fn=collate_same_size)
 
     model = build_model(config, device)
     teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
