@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     config, device = load_settings(args)
-    # every image header and mask of the split, before the model is loaded: all problems at once
-    check_config_data(config, [args.split], optional=(), progress=False).raise_if_problems()
+    # the checkpoint against the config first (a checkpoint of other classes or another student is
+    # one line), then every image header and mask of the split: all problems before any prediction
     model = load_trained_model(config, args.checkpoint, device)
+    check_config_data(config, [args.split], optional=(), progress=False).raise_if_problems()
     if args.background is not None:
         config = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, background=args.background))
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)

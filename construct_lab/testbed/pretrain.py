@@ -328,7 +328,7 @@ def ensure_testbed(folder: str | Path, seed: int, prompts: Sequence[str], budget
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"{folder}: {_mismatch(found, wanted)}; the towers there are kept: point "
                           "model.conch.checkpoint and model.teacher.checkpoint at another folder (e.g. "
-                          f"{folder.parent / 'mine'}/pytorch_model.bin and .../mit) to pretrain towers for this "
+                          f"{folder.parent / 'mine'}/pytorch_model.bin and {folder.parent / 'mine'}/mit) to pretrain towers for this "
                           "config there on first use")
     log(f"pretraining the tiny CONCH and tiny MiT into {folder} (seed {seed}) ...")
     started = time.perf_counter()
