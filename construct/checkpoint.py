@@ -88,21 +88,33 @@ def backbone_fingerprint(module: torch.nn.Module) -> float:
         return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
-def backbone_identity(conch: torch.nn.Module, teacher: torch.nn.Module | None, conch_checkpoint: str | None,
+def backbone_identity(student: torch.nn.Module, teacher: torch.nn.Module | None, student_checkpoint: str | None,
                       teacher_checkpoint: str | None) -> dict[str, str]:
-    """What frozen weights a run used: checkpoint paths, or a checksum of random weights."""
-    identity = {"conch": conch_checkpoint or f"random:{backbone_fingerprint(conch):.6e}"}
+    """What frozen weights a run used: the student's name, and per tower its checkpoint path or a
+    checksum of random weights (the student's under its name: ``{"student": "conch", "conch": ...}``)."""
+    name = student.name
+    identity = {"student": name, name: student_checkpoint or f"random:{backbone_fingerprint(student):.6e}"}
     if teacher is not None:
         identity["teacher"] = teacher_checkpoint or f"random:{backbone_fingerprint(teacher):.6e}"
     return identity
 
 
+def check_student(checkpoint: dict[str, Any], student: str, path: str | Path) -> None:
+    """Refuse a checkpoint trained on another student (model.student.name) before anything is built;
+    checkpoints written before students could be chosen were all trained on CONCH."""
+    saved = checkpoint.get("backbones", {}).get("student", "conch")
+    if saved != student:
+        raise CheckpointError(f"{path}: was trained with the {saved} student, this config gives {student} "
+                              f"(model.student.name: {saved} evaluates it)")
+
+
 def check_backbones(checkpoint: dict[str, Any], identity: dict[str, str], path: str | Path) -> None:
     """Refuse a checkpoint trained on other frozen weights than the ones built now."""
+    check_student(checkpoint, identity["student"], path)
     saved_identity = checkpoint.get("backbones", {})
     for name, current in identity.items():
         saved = saved_identity.get(name)
-        if saved is not None and not _same_backbone(saved, current):
+        if name != "student" and saved is not None and not _same_backbone(saved, current):
             raise CheckpointError(f"{path}: was trained with {name} backbone '{saved}', this config gives '{current}'")
 
 

@@ -110,9 +110,11 @@ class SplitFoldersConfig:
     """Folder names accepted for each split under data.root (the first that exists is used)."""
 
     train: list[str] = field(default_factory=lambda: ["train"])
-    """Train tiles: <root>/<name>/*.png, or <root>/<name>/img/*.png when that folder exists."""
+    """Train tiles: <root>/<name>/*.png, or <root>/<name>/img/*.png when that folder exists (tiles may
+    be .png, .jpg/.jpeg, .tif/.tiff or .bmp, of any size: training resizes them to model.image_size)."""
     val: list[str] = field(default_factory=lambda: ["val", "valid"])
-    """Validation: <root>/<name>/img/ and <root>/<name>/mask/ (only one of them may exist)."""
+    """Validation: <root>/<name>/img/ and <root>/<name>/mask/ (only one of them may exist); a mask is
+    the lossless .png/.tif/.tiff of its image's file stem, of the image's size."""
     test: list[str] = field(default_factory=lambda: ["test"])
     """Test: <root>/<name>/img/ and <root>/<name>/mask/."""
 
@@ -128,7 +130,8 @@ class DataConfig:
     label_csv: str | None = None
     """Image-level train labels: null = in the file names ([1101] or [1 1 0 1]); a CSV path (relative
     to data.root unless absolute) with a 'filename' column and either one 0/1 column per class or a
-    'labels' column of class names separated by spaces, commas or semicolons."""
+    'labels' column of class names separated by spaces, commas or semicolons. Cells are separated by
+    commas, semicolons or tabs (read from the header line)."""
     split_folders: SplitFoldersConfig = field(default_factory=SplitFoldersConfig)
     background_prior: BackgroundPriorConfig | None = None
     """When set, bright pixels are forced to background in every predicted mask (LUAD-HistoSeg:
@@ -144,9 +147,25 @@ class DataConfig:
 
 
 @dataclass
+class StudentConfig:
+    """Which frozen vision-language model is the student (docs/students.md)."""
+
+    name: Literal["conch", "quiltnet", "openai_clip"] = "conch"
+    """'conch' (CONCH ViT-B/16, gated, CC BY-NC-ND 4.0; its file and options in model.conch), or an
+    OpenCLIP ViT-B/16 read from model.student.checkpoint: 'quiltnet' (QuiltNet-B-16, MIT) or
+    'openai_clip' (OpenAI CLIP ViT-B/16, MIT)."""
+    checkpoint: str | None = "pretrained_models/quiltnet"
+    """OpenCLIP students only: the Hugging Face folder as downloaded (open_clip_config.json and
+    open_clip_pytorch_model.bin or open_clip_model.safetensors) or the weight file itself; null =
+    random weights. The CONCH student reads model.conch.checkpoint instead."""
+    preset: Literal["vit_b16", "tiny"] = "vit_b16"
+    """OpenCLIP students only: the real ViT-B/16, or a tiny one of the same classes for tests."""
+
+
+@dataclass
 class ConchConfig:
     checkpoint: str | None = "pretrained_models/conch/pytorch_model.bin"
-    """Official CONCH weights; null = random weights (tests and the offline demo)."""
+    """Official CONCH weights (model.student.name: conch); null = random weights (tests and the offline demo)."""
     preset: Literal["vit_b16", "tiny"] = "vit_b16"
     """Architecture: the real ViT-B/16, or a tiny one of the same classes for tests and the demo."""
     tokenizer: str | None = None
@@ -177,10 +196,12 @@ class TeacherConfig:
 class ModelConfig:
     image_size: int = 224
     """Training tile size in pixels (a multiple of 16)."""
+    student: StudentConfig = field(default_factory=StudentConfig)
     conch: ConchConfig = field(default_factory=ConchConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_blocks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
-    """CONCH trunk blocks (0-indexed) that form the feature pyramid, one level each."""
+    """Student trunk blocks (0-indexed) that form the feature pyramid, one level each (ViT-B/16
+    students have 12 blocks, the tiny presets 4)."""
     level_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     """Resize factor of each pyramid level relative to the patch grid (0.5 = 2x2 average pool)."""
     cam_levels: list[int] = field(default_factory=lambda: [3])
@@ -217,10 +238,9 @@ class LossConfig:
     struct_weight: float = 1.5
     """lambda_struct: weight of the relational structural distillation loss (0 = off, no teacher)."""
     sim_weight: float = 0.2
-    """lambda_sim: weight of the FG/BG contrastive loss (0 = off). The paper's 0.2 is kept: on the
-    testbed it wins over 1,800 iterations on one synthetic tissue and loses on another whose classes
-    CONCH names less well, so compare with 0 on a cohort unlike CONCH's training data
-    (docs/ablation.md)."""
+    """lambda_sim: weight of the FG/BG contrastive loss (0 = off). L_sim pulls each CAM towards what
+    CONCH's text prompt says the class looks like, so on a cohort whose classes CONCH may not know,
+    compare with 0 on your validation split (docs/ablation.md)."""
     fg_threshold: float = 0.5
     """alpha of the adaptive FG threshold: FG = CAM >= alpha * max."""
     threshold_max: Literal["per_image", "per_class"] = "per_class"
@@ -247,9 +267,7 @@ class LossConfig:
     checkpointing, holding one chunk's activations at a time (0 = all at once, all kept)."""
     sim_warmup: float = 0.0
     """Share of the training iterations (0 <= x < 1) during which L_sim is off and not computed;
-    from then on it counts at full weight lambda_sim (0 = on from the start, as in the paper). The
-    default stays 0: on the testbed 0.5 helps at 600 iterations but loses to 0 on every seed over
-    1,800 (docs/ablation.md)."""
+    from then on it counts at full weight lambda_sim (0 = on from the start, as in the paper)."""
 
 
 @dataclass
@@ -331,8 +349,9 @@ class SlideConfig:
     tissue_saturation: float = 0.07
     """Minimum HSV saturation (0-1) of a tissue pixel on that thumbnail; glass is grey-white."""
     regions_simplify_um: float = 1.0
-    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with; they are traced on
-    the coarsest level of the mask pyramid whose pixel is no wider than this."""
+    """Tolerance (µm) the class outlines of <name>_regions.geojson are simplified with (all classes together,
+    so that neighbours keep sharing their edges); they are traced on the coarsest level of the mask
+    pyramid whose pixel is no wider than half this."""
     regions_min_area_um2: float = 25.0
     """Regions smaller than this (µm²) are left out of <name>_regions.geojson: specks smaller than a nucleus
     (the areas JSON still counts every pixel)."""
@@ -665,6 +684,8 @@ def validate(config: Config, source: str) -> None:
             fail("model.teacher.checkpoint", f"must be {expected_teacher} (beside the testbed CONCH) when testbed.seed is set")
         if model.conch.preset != "tiny" or model.teacher.preset != "tiny":
             fail("testbed.seed", "needs the tiny presets (model.conch.preset and model.teacher.preset: tiny)")
+        if model.student.name != "conch":
+            fail("model.student.name", "must be conch when testbed.seed is set (the testbed's towers are CONCH-shaped)")
     validate_dataset(config.data, fail)
     dataset = config.testbed.dataset
     if dataset is not None and dataset.val_folder not in config.data.split_folders.val:
@@ -692,6 +713,9 @@ def validate(config: Config, source: str) -> None:
                 fail(f"model.conch.{key}", "is needed by model.conch.normalization: dataset and inference.crf_image: denormalized")
         elif len(values) != 3:
             fail(f"model.conch.{key}", f"needs 3 values (R, G, B), got {values}")
+    if conch.normalization == "dataset" and model.student.name != "conch":
+        fail("model.conch.normalization", f"'dataset' applies to the CONCH student only (model.student.name is "
+             f"{model.student.name})")
     if conch.dataset_std is not None and any(v <= 0 for v in conch.dataset_std):
         fail("model.conch.dataset_std", f"must all be positive, got {conch.dataset_std}")
     if config.loss.sim_max_pairs < 0:

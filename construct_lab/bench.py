@@ -3,7 +3,8 @@
     python -m construct_lab.bench --device cpu          # or --device cuda:0 (bf16 autocast)
 
 Measures (a) training throughput and peak memory at batch 10 for cls, cls+struct and
-the full loss with each L_sim setting (default and the paper's); (b) inference throughput with and without TTA and CRF, and the CRF with one
+the full loss with each L_sim setting (default and the paper's), and the full loss with the QuiltNet
+student instead of CONCH; (b) inference throughput with and without TTA and CRF, and the CRF with one
 worker against all cores; (c) the size of a training checkpoint. Each measurement runs in its own
 process so peak-memory figures do not mix. Nothing here is a test: the numbers depend on the
 machine, which the report names.
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 REPORT = REPO / "docs" / "benchmarks.md"
 PAPER_SIM = list(PAPER_SIM_OVERRIDES)
+QUILTNET = ["model.student.name=quiltnet", "model.student.checkpoint=null"]
 VARIANTS = {
     "cls": ["loss.struct_weight=0", "loss.sim_weight=0"],
     "cls+struct": ["loss.sim_weight=0"],
@@ -44,8 +46,10 @@ VARIANTS = {
     "full-image-8pairs": [*PAPER_SIM, "loss.sim_max_pairs=8"],
     "full-image-protograd": [*PAPER_SIM, "loss.sim_gradient=prototypes"],
     "full-image-checkpointed": [*PAPER_SIM, "loss.sim_checkpoint_chunk=10"],
+    "full-quiltnet": QUILTNET,
 }
-"""Training variants (config overrides). 'full' is the configs' default L_sim (token views)."""
+"""Training variants (config overrides). 'full' is the configs' default L_sim (token views); the
+student is CONCH unless the variant names another."""
 DESCRIPTIONS = {
     "cls": "cls",
     "cls+struct": "cls + struct",
@@ -55,6 +59,7 @@ DESCRIPTIONS = {
     "full-image-8pairs": "full, image views, ≤ 8 pairs per step",
     "full-image-protograd": "full, image views, gradient into prototypes only",
     "full-image-checkpointed": "full, image views, activation checkpointing (chunks of 10)",
+    "full-quiltnet": "full, default L_sim, **QuiltNet-B-16 student** (OpenCLIP ViT-B/16) instead of CONCH",
 }
 
 
@@ -81,14 +86,14 @@ def training_objective(config: Config, model: torch.nn.Module, teacher: torch.nn
     """The objective of ``config`` around ``model`` (teacher: None without L_struct) and AdamW on its trainable part.
 
     ``fast`` (CUDA only, as the trainer's ``train.fast_path``): the frozen towers replay CUDA graphs
-    with bf16 weights and AdamW is fused. It changes ``model.conch`` and ``teacher`` for good.
+    with bf16 weights and AdamW is fused. It changes ``model.student`` and ``teacher`` for good.
     """
     from construct.engine.objective import ConStructObjective
     from construct.models.graphs import enable_fast_path
 
     objective = ConStructObjective(model, teacher, config).to(device).train()
     if fast:
-        for tower in (model.conch, teacher):
+        for tower in (model.student, teacher):
             if tower is not None:
                 enable_fast_path(tower)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
@@ -158,9 +163,9 @@ def bench_training(variant: str, device: torch.device, steps: int) -> dict[str, 
 def bench_inference(device: torch.device, images_count: int) -> dict[str, Any]:
     import numpy as np
 
-    from construct_lab.synthetic.tiles import make_tile
     from construct.inference.predictor import Predictor
     from construct.models.build import build_model
+    from construct_lab.synthetic.tiles import make_tile
 
     configs = {mode: real_size_config(f"inference.tta={mode}") for mode in ("intensity", "resize")}
     torch.manual_seed(0)

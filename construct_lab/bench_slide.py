@@ -110,8 +110,8 @@ def predict_synthetic_region(side: int, workers: int) -> dict[str, Any]:
     """Child process: a side × side synthetic region (all tissue texture) through ``predict_region``."""
     import numpy as np
 
-    from construct_lab.synthetic.slide import SyntheticSlide
     from construct.inference.streaming import predict_region
+    from construct_lab.synthetic.slide import SyntheticSlide
 
     # The slide's centre is tissue; a region cut from it, as generate_cam --input-dir receives them.
     slide = SyntheticSlide(4 * side, 4 * side)

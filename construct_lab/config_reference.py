@@ -12,7 +12,6 @@ import ast
 import dataclasses
 import inspect
 import typing
-from pathlib import Path
 
 from construct import config as config_module
 from construct_lab.paths import REPO

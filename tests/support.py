@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from construct.classes import ClassSet
-from construct.config import load_config
+from construct.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -18,3 +18,8 @@ DEMO_RANDOM = REPO / "configs" / "demo_random.yaml"
 """The demo's architecture with random tiny towers: the fast tests' configuration."""
 BCSS = ClassSet.from_config(load_config(REPO / "configs" / "datasets" / "bcss_wsss.yaml"))
 LUAD = ClassSet.from_config(load_config(REPO / "configs" / "datasets" / "luad_histoseg.yaml"))
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The demo's architecture with random tiny towers at 64 px, plus ``overrides``."""
+    return load_config(DEMO_RANDOM, ["model.image_size=64", *overrides])

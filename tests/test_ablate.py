@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from support import BCSS, DEMO_RANDOM
 
-from construct_lab.synthetic.tiles import generate_dataset
 from construct_lab.ablate import build_parser, main
-
+from construct_lab.synthetic.tiles import generate_dataset
 
 
 def test_ablation_runner_writes_table_and_curves(tmp_path):

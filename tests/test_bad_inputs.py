@@ -24,12 +24,12 @@ from construct.checkpoint import FORMAT
 from construct.config import load_config
 from construct.data.datasets import EvalDataset, TrainDataset
 from construct.data.io import write_mask
-from construct_lab.synthetic.tiles import generate_dataset
-from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import CheckpointError
 from construct.models.conch import load_conch
+from construct_lab.synthetic.slide import write_synthetic_slide
+from construct_lab.synthetic.tiles import generate_dataset
 
 SIZE = 64
 
@@ -136,7 +136,7 @@ def empty_split_folder(tmp_path, request):
     root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
     for tile in (root / "train").glob("*.png"):
         tile.unlink()
-    return main_args(root, tmp_path / "run"), [f"{root / 'train'} holds no .png tiles"]
+    return main_args(root, tmp_path / "run"), [f"{root / 'train'} holds no tiles", ".png/.jpg/.jpeg/.tif/.tiff/.bmp"]
 
 
 @row
@@ -158,12 +158,20 @@ def train_file_with_3_digit_label(tmp_path, request):
 
 
 @row
-def corrupt_png_read_by_a_loader_worker(tmp_path, request):
+def corrupt_png_header(tmp_path, request):
     root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
     tile = first_train_tile(root)
     tile.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 8)
+    return main_args(root, tmp_path / "run"), [str(tile), "not a readable image"]
+
+
+@row
+def truncated_png_read_by_a_loader_worker(tmp_path, request):
+    root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
+    tile = first_train_tile(root)
+    tile.write_bytes(tile.read_bytes()[:200])  # the header passes the data check; decoding fails in training
     # A worker process reads it: the worker's traceback must not leak into the message.
-    return main_args(root, tmp_path / "run", "data.num_workers=1"), [str(tile), "not a readable image"]
+    return main_args(root, tmp_path / "run", "data.num_workers=1"), [str(tile), "not a readable image", "truncated"]
 
 
 @row
@@ -184,6 +192,46 @@ def mask_size_differs_from_image(tmp_path, request):
     image = root / "val" / "img" / mask.name
     return main_args(root, tmp_path / "run"), [str(mask), "mask size 32×32 does not match image", str(image),
                                                "64×64"]
+
+
+@row
+def mask_16_bit(tmp_path, request):
+    root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
+    mask = first_val_mask(root)
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint16)).save(mask)
+    return main_args(root, tmp_path / "run"), [str(mask), "mask has mode 'I;16' (16-bit grey)", "8-bit palette"]
+
+
+@row
+def mask_saved_as_jpeg(tmp_path, request):
+    root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
+    mask = first_val_mask(root)
+    jpeg = mask.with_suffix(".jpg")
+    Image.open(mask).convert("L").save(jpeg)
+    mask.unlink()
+    return main_args(root, tmp_path / "run"), [str(jpeg), "JPEG mask refused", "lossy", "PNG or TIFF"]
+
+
+@row
+def semicolon_csv_without_a_filename_column(tmp_path, request):
+    root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
+    names = sorted(p.name for p in (root / "train").glob("*.png"))
+    (root / "labels.csv").write_text("file;TUM;STR;LYM;NEC\n" + "".join(f"{n};1;0;0;0\n" for n in names))
+    return (main_args(root, tmp_path / "run", "data.label_csv=labels.csv"),
+            [str(root / "labels.csv"), "no 'filename' column", "cells separated by semicolons"])
+
+
+@row
+def csv_row_naming_another_format(tmp_path, request):
+    root = copy_data(request.getfixturevalue("clean_data"), tmp_path)
+    tiles = sorted((root / "train").glob("*.png"))
+    jpeg = tiles[0].with_name("first.jpg")
+    Image.open(tiles[0]).convert("RGB").save(jpeg, quality=95)
+    tiles[0].unlink()
+    rows = "".join(f"{name},1,0,0,0\n" for name in ["first.png", *(t.name for t in tiles[1:])])
+    (root / "labels.csv").write_text("filename,TUM,STR,LYM,NEC\n" + rows)
+    return (main_args(root, tmp_path / "run", "data.label_csv=labels.csv"),
+            [str(root / "labels.csv"), "row for first.png", "first.jpg is there"])
 
 
 @row
@@ -282,6 +330,14 @@ def slide_file_that_is_not_a_slide(tmp_path, request):
     fake.write_text("a text file with a slide's name")
     argv = slide_args(request.getfixturevalue("trained_run"), fake, tmp_path / "out")
     return argv, [str(fake), "not a slide OpenSlide can read"], SLIDE_FAILED
+
+
+@row
+def folder_given_as_a_slide(tmp_path, request):
+    folder = tmp_path / "scans.svs"
+    folder.mkdir()
+    argv = slide_args(request.getfixturevalue("trained_run"), folder, tmp_path / "out")
+    return argv, [str(folder), "is a folder, not a slide file"]
 
 
 @row

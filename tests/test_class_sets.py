@@ -23,13 +23,13 @@ from construct.config import load_config
 from construct.data.datasets import TrainDataset, eval_dataset, train_dataset
 from construct.data.io import read_mask, write_mask
 from construct.data.labels import parse_label, read_label_csv
-from construct_lab.synthetic.slide import write_synthetic_slide
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import train
 from construct.errors import ConfigError, DataError
 from construct.inference.postprocess import apply_background_prior
 from construct.metrics import ConfusionMatrix
 from construct_lab.prepare import prepare_inputs
+from construct_lab.synthetic.slide import write_synthetic_slide
 
 CPU = torch.device("cpu")
 TRAINING = ["data.num_workers=0", "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8",
@@ -52,7 +52,7 @@ def luad_config(root: Path) -> Path:
         "_base_": [str(DEMO_RANDOM), str(REPO / "configs/datasets/luad_histoseg.yaml")],
         "work_dir": str(root / "run"),
         # TE, NEC, LYM, TAS drawn with the tumour, necrosis, lymphocyte and stroma textures
-        "data": {"root": str(root / "data"), "synthetic": {"train": 8, "val": 2, "test": 3, "seed": 1,
+        "data": {"root": str(root / "data")}, "testbed": {"dataset": {"train": 8, "val": 2, "test": 3, "seed": 1,
                  "textures": [0, 3, 2, 1], "label_format": "spaced", "val_folder": "valid", "alveoli": True}},
     })
 
@@ -64,7 +64,7 @@ def custom_config(root: Path) -> Path:
         "work_dir": str(root / "run"),
         "data": {"name": "my-cohort", "classes": CUSTOM_CLASSES, "label_csv": "labels.csv",
                  "background": {"name": "GLASS", "color": [250, 250, 250], "index": 0},
-                 "root": str(root / "data"), "synthetic": {"train": 8, "val": 2, "test": 3, "seed": 2}},
+                 "root": str(root / "data")}, "testbed": {"dataset": {"train": 8, "val": 2, "test": 3, "seed": 2}},
     })
 
 

@@ -6,17 +6,15 @@ import ast
 import json
 import os
 import re
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import FIXTURES
 from timm.layers import resample_abs_pos_embed
 from torch import nn
-
-from support import FIXTURES
 
 from construct.errors import CheckpointError, ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize

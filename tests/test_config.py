@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from support import DEMO, DEMO_RANDOM, REPO
 
 from construct.config import Config, config_to_dict, load_config, save_config
 from construct.errors import ConfigError
-
 
 
 def write(path: Path, data: dict) -> Path:

@@ -23,8 +23,8 @@ from construct.data import (
     write_image,
     write_mask,
 )
-from construct_lab.synthetic.tiles import MANIFEST, generate_dataset, main, make_tile, tile_rng
 from construct.errors import DataError
+from construct_lab.synthetic.tiles import MANIFEST, generate_dataset, main, make_tile, tile_rng
 
 RNG = np.random.default_rng(0)
 
@@ -141,10 +141,10 @@ def test_missing_root_and_split(tmp_path: Path) -> None:
 
 def test_empty_split(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
-    with pytest.raises(DataError, match="no .png"):
+    with pytest.raises(DataError, match="holds no tiles"):
         resolve_split_dir(tmp_path, "train")
     (tmp_path / "test" / "img").mkdir(parents=True)
-    with pytest.raises(DataError, match="no .png"):
+    with pytest.raises(DataError, match="holds no tiles"):
         resolve_split_dir(tmp_path, "test")
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from support import REPO
 
 from construct_lab.bench import VARIANTS

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from support import DEMO_RANDOM, HE_FIXTURE
 
 from construct.config import CrfConfig, load_config
 from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.data.io import read_image
-from construct.errors import ConfigError, DataError
+from construct.errors import ConfigError
 from construct.inference.crf import crf_batch, dense_crf
 from construct.inference.postprocess import select_presence
 from construct.inference.predictor import Predictor
-from construct.inference.tiling import tile_starts, tiled_forward
+from construct.inference.tiling import forward_any_size, tile_starts, tiled_forward
 from construct.inference.tta import TtaSettings, intensity_tta, resize_tta, scaled_size
 from construct.models.build import build_model
 
@@ -87,7 +84,7 @@ class TrunkInputs:
     """Records every tensor the CONCH trunk receives (its patch embedding's input) while in use."""
 
     def __init__(self, model) -> None:
-        self.patch_embed = model.conch.visual.trunk.patch_embed
+        self.patch_embed = model.student.visual.trunk.patch_embed
         self.seen: list[torch.Tensor] = []
 
     def __enter__(self) -> list[torch.Tensor]:
@@ -220,10 +217,17 @@ def test_tiling_one_window_equals_plain_forward(model):
     torch.testing.assert_close(logits, out.logits)
 
 
-def test_tiling_rejects_small_images(model, config):
+def test_images_smaller_than_the_tile_are_upsampled_and_predicted_at_their_own_size(model, config):
+    image = torch.rand(1, 3, 230, 200)
+    forward = lambda x: TtaSettings("off").forward(model, x)  # noqa: E731
+    with torch.no_grad():
+        cams, logits = forward_any_size(forward, image, 224, 112, 4)
+        upsampled = F.interpolate(image, size=(258, 224), mode="bilinear", align_corners=False)  # short side → 224
+        expected = tiled_forward(forward, upsampled[0], 224, 112, 4)
+    torch.testing.assert_close(cams, expected[0])
+    torch.testing.assert_close(logits, expected[1])
     predictor = Predictor(model, config, CPU, tta=False, crf=False)
-    with pytest.raises(DataError, match=r"tiny\.png.*200×230"):
-        predictor.predict_batch(torch.rand(1, 3, 230, 200), names=["tiny.png"])
+    assert predictor.predict_batch(image, names=["tiny.png"])[0].mask.shape == (230, 200)
 
 
 def test_predictor_outputs(model, config):

@@ -19,8 +19,8 @@ import torch
 from support import BCSS, DEMO_RANDOM, REPO
 
 from construct.checkpoint import load_checkpoint
-from construct_lab.synthetic.tiles import generate_dataset
 from construct.errors import CheckpointError
+from construct_lab.synthetic.tiles import generate_dataset
 
 ITERATIONS = 8  # 8 tiles / batch 2 = 4 iterations per epoch: two epochs, validation at 4 and 8
 

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import REPO
 
 PACKAGES = (REPO / "construct", REPO / "construct_lab")
 
 # Layers that must not reach up into the training engine or the applications.
 LOWER_LAYERS = ("construct.models", "construct.data", "construct.losses", "construct.inference")
-UPPER_LAYERS = ("construct.engine", "construct.commands", "construct_lab")
+UPPER_LAYERS = ("construct.engine", "construct.commands", "construct.api", "construct_lab")
 
 ENTRY_POINTS = [
     ["main.py"],
@@ -26,11 +25,14 @@ ENTRY_POINTS = [
     ["visualization_utils/visualize_prototypes.py"],
     ["visualization_utils/predict_slide.py"],
     ["-m", "construct.commands.train_seg"],
+    ["-m", "construct.commands.check_data"],
+    ["-m", "construct.commands.check_prompts"],
     ["-m", "construct_lab.synthetic.tiles"],
     ["-m", "construct_lab.synthetic.slide"],
     ["-m", "construct_lab.ablate"],
     ["-m", "construct_lab.bench"],
     ["-m", "construct_lab.bench_slide"],
+    ["-m", "construct_lab.bench_data_check"],
     ["-m", "construct_lab.demo"],
     ["-m", "construct_lab.pretrain_tiny"],
     ["-m", "construct_lab.config_reference"],

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support import tiny_config
 
-from support import DEMO_RANDOM
-
-from construct.config import load_config
 from construct.engine.objective import ConStructObjective
 from construct.models.build import build_model, build_teacher
-
-
-
-def tiny_config(*overrides: str):
-    return load_config(DEMO_RANDOM, ["model.image_size=64", *overrides])
-
-
-@pytest.fixture(scope="module")
-def batch():
-    generator = torch.Generator().manual_seed(1)
-    images = torch.rand(3, 3, 64, 64, generator=generator)
-    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    return images, labels
 
 
 def objective_for(*overrides: str) -> ConStructObjective:
@@ -43,7 +26,7 @@ def grads(module: torch.nn.Module) -> dict[str, float]:
 
 
 def assert_frozen_untouched(objective: ConStructObjective) -> None:
-    assert all(not p.requires_grad and p.grad is None for p in objective.model.conch.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in objective.model.student.parameters())
     if objective.teacher is not None:
         assert all(not p.requires_grad and p.grad is None for p in objective.teacher.parameters())
 
@@ -67,7 +50,7 @@ def test_prototypes_start_at_text_embeddings():
     config = tiny_config("model.prototypes_per_class=2")
     model = build_model(config)
     with torch.no_grad():
-        text = model.conch.encode_text(tokenize([c.prompt for c in config.data.classes]))
+        text = model.student.encode_text(tokenize([c.prompt for c in config.data.classes]))
     assert torch.allclose(model.prototypes()[0::2], text, atol=1e-5)
     assert torch.allclose(model.prototypes()[1::2], text, atol=1e-5)
 
@@ -76,15 +59,15 @@ def test_random_backbones_are_reproducible_from_the_seed():
     a = build_model(tiny_config())
     b = build_model(tiny_config())
     c = build_model(tiny_config("train.seed=7"))
-    weights = [dict(m.conch.named_parameters())["visual.trunk.patch_embed.proj.weight"] for m in (a, b, c)]
+    weights = [dict(m.student.named_parameters())["visual.trunk.patch_embed.proj.weight"] for m in (a, b, c)]
     assert torch.equal(weights[0], weights[1])
     assert not torch.equal(weights[0], weights[2])
 
 
-def test_trainable_state_excludes_conch_and_loads_strictly():
+def test_trainable_state_excludes_the_student_and_loads_strictly():
     model = build_model(tiny_config())
     state = model.trainable_state_dict()
-    assert state and not any(key.startswith("conch.") for key in state)
+    assert state and not any(key.startswith("student.") for key in state)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k
     )

@@ -13,7 +13,6 @@ from support import BCSS, REPO
 
 from construct.config import load_config
 from construct.data.datasets import eval_dataset
-from construct_lab.synthetic.tiles import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.objective import ConStructObjective
 from construct.engine.trainer import poly_lambda, train
@@ -23,6 +22,7 @@ from construct.inference.postprocess import cam_probabilities, normalize_cams
 from construct.inference.predictor import Predictor
 from construct.inference.tta import TtaSettings
 from construct.models.build import build_model, build_teacher, load_trained_model
+from construct_lab.synthetic.tiles import generate_dataset
 
 PRESET = REPO / "configs" / "bcss_released.yaml"
 # The released preset on the tiny random towers (the tiny CONCH has 4 blocks), at 64 px.
@@ -30,7 +30,7 @@ TINY = ["model.conch.checkpoint=null", "model.conch.preset=tiny", "model.teacher
         "model.teacher.preset=tiny", "model.feature_blocks=[0,1,2,3]", "model.image_size=64"]
 
 
-def tiny_config(*overrides: str):
+def tiny_released_config(*overrides: str):
     return load_config(PRESET, [*TINY, *overrides])
 
 
@@ -64,7 +64,7 @@ def one_step(config, images, labels) -> dict[str, torch.Tensor]:
 
 
 def test_preset_trains_and_evaluates_with_tiny_towers(data_root, tmp_path):
-    config = tiny_config(f"data.root={data_root}", "testbed.dataset=null", "data.num_workers=0", f"work_dir={tmp_path / 'run'}",
+    config = tiny_released_config(f"data.root={data_root}", "testbed.dataset=null", "data.num_workers=0", f"work_dir={tmp_path / 'run'}",
                          "train.batch_size=4", "train.max_iters=3", "train.eval_interval=3", "inference.batch_size=4")
     result = train(config, DistInfo(device=torch.device("cpu")))
     assert result.iterations == 3 and 0.0 <= result.best_miou <= 100.0
@@ -77,14 +77,14 @@ def test_preset_trains_and_evaluates_with_tiny_towers(data_root, tmp_path):
 
 def test_unused_distill_level_needs_its_switch():
     with pytest.raises(ConfigError, match="allow_unused_distill_levels"):
-        tiny_config("model.allow_unused_distill_levels=false")
+        tiny_released_config("model.allow_unused_distill_levels=false")
 
 
 def test_distilling_a_level_without_cams_trains_the_cams_like_struct_weight_zero():
     images, labels = batch()
     base = ("loss.sim_weight=0",)
-    distilled, losses = one_step(tiny_config(*base), images, labels)
-    plain, _ = one_step(tiny_config(*base, "loss.struct_weight=0"), images, labels)
+    distilled, losses = one_step(tiny_released_config(*base), images, labels)
+    plain, _ = one_step(tiny_released_config(*base, "loss.struct_weight=0"), images, labels)
     assert float(losses["struct"].detach()) > 0
     for key, value in plain.items():
         if key.startswith("adapters.2."):
@@ -97,19 +97,19 @@ def test_distilling_a_level_without_cams_trains_the_cams_like_struct_weight_zero
 def test_sim_without_gradient_trains_like_weight_zero():
     images, labels = batch()
     base = ("loss.struct_weight=0", "loss.sim_views=tokens")
-    no_grad, losses = one_step(tiny_config(*base, "loss.sim_gradient=none"), images, labels)
-    off, _ = one_step(tiny_config(*base, "loss.sim_weight=0"), images, labels)
+    no_grad, losses = one_step(tiny_released_config(*base, "loss.sim_gradient=none"), images, labels)
+    off, _ = one_step(tiny_released_config(*base, "loss.sim_weight=0"), images, labels)
     assert float(losses["sim"]) != 0.0 and not losses["sim"].requires_grad
     for key, value in off.items():
         assert torch.equal(no_grad[key], value), key
-    with_grad, _ = one_step(tiny_config(*base, "loss.sim_gradient=encoder"), images, labels)
+    with_grad, _ = one_step(tiny_released_config(*base, "loss.sim_gradient=encoder"), images, labels)
     assert any(not torch.equal(with_grad[k], off[k]) for k in off)
 
 
 def test_dataset_normalization_feeds_the_feature_pass_only():
     images, _ = batch(2)
-    clip = build_model(tiny_config("model.conch.normalization=clip")).conch
-    dataset = build_model(tiny_config()).conch
+    clip = build_model(tiny_released_config("model.conch.normalization=clip")).student
+    dataset = build_model(tiny_released_config()).student
     mean = torch.tensor([0.66791496, 0.47791372, 0.70623304]).view(1, 3, 1, 1)
     std = torch.tensor([0.1736589, 0.22564577, 0.19820057]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -122,8 +122,8 @@ def test_dataset_normalization_feeds_the_feature_pass_only():
 
 def test_teacher_train_mode_drops_paths_and_eval_mode_does_not():
     images, _ = batch(2)
-    stochastic = build_teacher(tiny_config())
-    deterministic = build_teacher(tiny_config("model.teacher.mode=eval"))
+    stochastic = build_teacher(tiny_released_config())
+    deterministic = build_teacher(tiny_released_config("model.teacher.mode=eval"))
     deterministic.train()
     assert stochastic.training and not deterministic.training
     first, second = stochastic(images)[2], stochastic(images)[2]
@@ -134,8 +134,8 @@ def test_teacher_train_mode_drops_paths_and_eval_mode_does_not():
 
 
 def test_adapter_padding_zeros():
-    reflect = build_model(tiny_config("model.adapter_padding=reflect")).adapters["3"]
-    zeros = build_model(tiny_config()).adapters["3"]
+    reflect = build_model(tiny_released_config("model.adapter_padding=reflect")).adapters["3"]
+    zeros = build_model(tiny_released_config()).adapters["3"]
     assert reflect.body[3].padding_mode == "reflect" and zeros.body[3].padding_mode == "zeros"
     zeros.load_state_dict(reflect.state_dict())
     torch.nn.init.normal_(reflect.body[-1].weight)
@@ -152,7 +152,7 @@ def test_projector_input_raw_sees_the_prototype_norm():
     images, _ = batch(2)
     for mode, changes in (("raw", True), ("normalized", False)):
         # default init: the layer's biases make it not positively homogeneous, so a norm change shows
-        model = build_model(tiny_config(f"model.projector_input={mode}", "model.projector_init=default")).eval()
+        model = build_model(tiny_released_config(f"model.projector_input={mode}", "model.projector_init=default")).eval()
         with torch.no_grad():
             before = model(images).cams
             model.prototypes.prototypes.mul_(3.0)
@@ -161,8 +161,8 @@ def test_projector_input_raw_sees_the_prototype_norm():
 
 
 def test_projector_init_trunc_normal():
-    default = build_model(tiny_config("model.projector_init=default")).adaptive_layer
-    trunc = build_model(tiny_config()).adaptive_layer
+    default = build_model(tiny_released_config("model.projector_init=default")).adaptive_layer
+    trunc = build_model(tiny_released_config()).adaptive_layer
     for layer in (trunc[0], trunc[2]):
         assert torch.count_nonzero(layer.bias) == 0
         assert abs(float(layer.weight.detach().std()) - 0.02) < 0.002
@@ -178,11 +178,11 @@ def test_warmup_has_the_released_form():
     plain, zero = poly_lambda(20, 0.9), poly_lambda(20, 0.9, warmup_iters=0)
     assert all(plain(t) == zero(t) == pytest.approx((1 - t / 20) ** 0.9) for t in range(20))
     with pytest.raises(ConfigError, match="warmup_iters"):
-        tiny_config("train.warmup_iters=-1")
+        tiny_released_config("train.warmup_iters=-1")
 
 
 def test_per_pass_normalisation_averages_scaled_cams():
-    model = build_model(tiny_config()).eval()
+    model = build_model(tiny_released_config()).eval()
     images, _ = batch(2)
     factors = (0.9, 1.0, 1.1)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_per_pass_normalisation_averages_scaled_cams():
     probs = cam_probabilities(per_pass, presence, (64, 64), 10.0, normalized=True)
     expected = F.interpolate(per_pass, size=(64, 64), mode="bilinear", align_corners=False)
     assert torch.allclose(probs[:, :4], expected.clamp(0, 1), atol=1e-6)
-    assert TtaSettings.from_config(tiny_config().inference).normalize_each
+    assert TtaSettings.from_config(tiny_released_config().inference).normalize_each
     assert not TtaSettings.from_config(load_config(REPO / "configs" / "bcss.yaml").inference).normalize_each
 
 
@@ -218,7 +218,7 @@ def test_crf_receives_softmax_probabilities_under_crf_softmax(monkeypatch):
 
     monkeypatch.setattr("construct.inference.crf.CrfPool.__call__", fake_crf)
     for softmax in (True, False):
-        config = tiny_config(f"inference.crf_softmax={softmax}")
+        config = tiny_released_config(f"inference.crf_softmax={softmax}")
         model = build_model(config)
         with Predictor(model, config, torch.device("cpu"), tta=False, crf=True, workers=1) as predictor:
             prediction = predictor.predict_batch(images, presence_gt=torch.ones(2, 4), protocol="ground_truth")
@@ -241,16 +241,16 @@ def test_fp16_training_scales_the_loss_and_bf16_does_not():
     from construct.engine.trainer import mixed_precision
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert mixed_precision(tiny_config().train, cuda) == (True, torch.float16, True)
+    assert mixed_precision(tiny_released_config().train, cuda) == (True, torch.float16, True)
     assert mixed_precision(load_config(REPO / "configs" / "bcss.yaml").train, cuda) == (True, torch.bfloat16, False)
-    assert mixed_precision(tiny_config().train, cpu) == (False, torch.float16, False)
+    assert mixed_precision(tiny_released_config().train, cpu) == (False, torch.float16, False)
 
 
 def test_inference_precision_switch():
     from construct.inference.predictor import inference_autocast
 
     cuda = torch.device("cuda")
-    assert not inference_autocast(cuda, tiny_config().inference)
+    assert not inference_autocast(cuda, tiny_released_config().inference)
     assert inference_autocast(cuda, load_config(REPO / "configs" / "bcss.yaml").inference)
     assert not inference_autocast(torch.device("cpu"), load_config(REPO / "configs" / "bcss.yaml").inference)
 
@@ -270,7 +270,7 @@ def test_full_validation_runs_tta_and_the_crf(data_root, monkeypatch):
     monkeypatch.setattr(Predictor, "postprocess", spy)
     for mode, expected in (("full", [(6, True)]), ("fast", [])):
         calls.clear()
-        config = tiny_config(f"train.validation={mode}", "inference.crf.enabled=true", f"data.root={data_root}")
+        config = tiny_released_config(f"train.validation={mode}", "inference.crf.enabled=true", f"data.root={data_root}")
         loader = DataLoader(eval_dataset(config, "val"), batch_size=2)
         model = build_model(config)
         model.train()
@@ -281,7 +281,7 @@ def test_full_validation_runs_tta_and_the_crf(data_root, monkeypatch):
 def test_crf_image_denormalized_truncates_like_the_released_loader():
     images, _ = batch(2)
     images = (images * 255).round() / 255
-    exact_config, released_config = tiny_config("inference.crf_image=exact"), tiny_config()
+    exact_config, released_config = tiny_released_config("inference.crf_image=exact"), tiny_released_config()
     model = build_model(exact_config)
     with Predictor(model, exact_config, torch.device("cpu"), tta=False, crf=False) as exact, \
             Predictor(model, released_config, torch.device("cpu"), tta=False, crf=False) as released:
@@ -298,4 +298,4 @@ def test_dataset_statistics_are_required_where_used():
     with pytest.raises(ConfigError, match="model.conch.dataset_std"):
         load_config(REPO / "configs" / "bcss.yaml", ["inference.crf_image=denormalized", "model.conch.dataset_mean=[0.5,0.5,0.5]"])
     with pytest.raises(ConfigError, match="3 values"):
-        tiny_config("model.conch.dataset_mean=[0.5,0.5]")
+        tiny_released_config("model.conch.dataset_mean=[0.5,0.5]")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import importlib
 import json
-import runpy
 import shutil
 import subprocess
 import sys
@@ -17,33 +16,20 @@ from PIL import Image
 from support import BCSS, DEMO_RANDOM, HE_FIXTURE, REPO
 
 from construct.cli import run_cli
-from construct.config import load_config
 from construct.data.io import read_mask
-from construct_lab.synthetic.tiles import generate_dataset
-from construct.engine.distributed import DistInfo
-from construct.engine.trainer import train
 
 SCRIPTS = REPO / "visualization_utils"
 METRICS = ("miou", "mdice", "fwiou", "pixel_accuracy")
 
 
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """A 2-iteration demo run (tiny random backbones, cls + struct losses) on 8/2/3 synthetic tiles."""
-    root = tmp_path_factory.mktemp("scripts")
-    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
-    config = load_config(DEMO_RANDOM, [
-        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "testbed.dataset=null", "data.num_workers=0",
-        "train.max_iters=2", "train.batch_size=4", "inference.batch_size=4", "loss.sim_weight=0",
-    ])
-    train(config, DistInfo(device=torch.device("cpu")))
-    return root / "run"
+COMMANDS = {"evaluate_performance": "evaluate", "generate_cam": "export", "visualize_prototypes": "prototypes",
+            "predict_slide": "predict_slides"}
+"""The module in construct/commands behind each paper script."""
 
 
-@functools.cache
 def script(name: str) -> dict:
-    """The namespace of a script, for in-process calls that need no fresh interpreter."""
-    return runpy.run_path(str(SCRIPTS / f"{name}.py"))
+    """The namespace of a script's command, for in-process calls that need no fresh interpreter."""
+    return vars(importlib.import_module(f"construct.commands.{COMMANDS[name]}"))
 
 
 def run_script(name: str, *args: str | Path) -> subprocess.CompletedProcess:
@@ -62,8 +48,8 @@ def check_palette_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     return read_mask(path, BCSS)  # raises on values outside 0-4
 
 
-def test_evaluate_performance_both_protocols_with_crf(run_dir, tmp_path):
-    result = run_script("evaluate_performance", *model_args(run_dir), "--split", "test", "--no-tta",
+def test_evaluate_performance_both_protocols_with_crf(tiny_run, tmp_path):
+    result = run_script("evaluate_performance", *model_args(tiny_run), "--split", "test", "--no-tta",
                         "--workers", "1", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     for protocol in ("predicted", "ground_truth"):
@@ -82,8 +68,8 @@ def test_evaluate_performance_both_protocols_with_crf(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["intensity", "resize"])
-def test_scripts_run_and_name_each_tta_mode(run_dir, tmp_path, capsys, mode):
-    common = [*map(str, model_args(run_dir)), "--opts", f"inference.tta={mode}", "--no-crf", "--max-images", "1"]
+def test_scripts_run_and_name_each_tta_mode(tiny_run, tmp_path, capsys, mode):
+    common = [*map(str, model_args(tiny_run)), "--opts", f"inference.tta={mode}", "--no-crf", "--max-images", "1"]
     evaluate = script("evaluate_performance")
     evaluate["main"](evaluate["build_parser"]().parse_args(
         [*common, "--split", "test", "--protocol", "predicted", "--out", str(tmp_path)]))
@@ -96,11 +82,11 @@ def test_scripts_run_and_name_each_tta_mode(run_dir, tmp_path, capsys, mode):
     assert json.loads((tmp_path / "masks" / "generate_cam.json").read_text())["tta"] == used
 
 
-def test_generate_cam_on_val_writes_masks_cams_overlays(run_dir):
-    result = run_script("generate_cam", *model_args(run_dir), "--split", "val", "--save-cam", "--overlay",
+def test_generate_cam_on_val_writes_masks_cams_overlays(tiny_run):
+    result = run_script("generate_cam", *model_args(tiny_run), "--split", "val", "--save-cam", "--overlay",
                         "--no-tta", "--no-crf", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    out = run_dir / "val_cams"  # the default: beside the checkpoint
+    out = tiny_run / "val_cams"  # the default: beside the checkpoint
     masks = sorted(out.glob("*.png"))
     assert len(masks) == 2
     for mask_path in masks:
@@ -113,29 +99,29 @@ def test_generate_cam_on_val_writes_masks_cams_overlays(run_dir):
     assert info["protocol"] == "predicted" and info["images"] == 2 and not list(out.rglob("*.tmp"))
 
 
-def test_generate_cam_train_split_uses_image_labels(run_dir, tmp_path):
+def test_generate_cam_train_split_uses_image_labels(tiny_run, tmp_path):
     namespace = script("generate_cam")
     namespace["main"](namespace["build_parser"]().parse_args([
-        *map(str, model_args(run_dir)), "--split", "train", "--max-images", "2", "--out-dir", str(tmp_path),
+        *map(str, model_args(tiny_run)), "--split", "train", "--max-images", "2", "--out-dir", str(tmp_path),
         "--no-tta", "--no-crf"]))
     assert len(list(tmp_path.glob("*.png"))) == 2
     assert json.loads((tmp_path / "generate_cam.json").read_text())["protocol"] == "ground_truth"
 
 
-def test_generate_cam_tiles_a_large_real_image(run_dir, tmp_path):
+def test_generate_cam_tiles_a_large_real_image(tiny_run, tmp_path):
     inputs = tmp_path / "slides"
     inputs.mkdir()
     shutil.copy(HE_FIXTURE, inputs)
-    result = run_script("generate_cam", *model_args(run_dir), "--input-dir", inputs, "--out-dir", tmp_path / "out",
+    result = run_script("generate_cam", *model_args(tiny_run), "--input-dir", inputs, "--out-dir", tmp_path / "out",
                         "--no-tta", "--no-crf")
     assert result.returncode == 0, result.stderr
     mask = check_palette_mask(tmp_path / "out" / "he_cmu1_crop_768.png", (768, 768))
     assert set(np.unique(mask)) <= set(range(5))
 
 
-def test_visualize_prototypes_draws_figures(run_dir, tmp_path):
-    name = sorted((run_dir.parent / "data" / "val" / "img").glob("*.png"))[0].name
-    result = run_script("visualize_prototypes", *model_args(run_dir), "--split", "val", "--images", name,
+def test_visualize_prototypes_draws_figures(tiny_run, tmp_path):
+    name = sorted((tiny_run.parent / "data" / "val" / "img").glob("*.png"))[0].name
+    result = run_script("visualize_prototypes", *model_args(tiny_run), "--split", "val", "--images", name,
                         "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     figure = tmp_path / f"{Path(name).stem}_prototypes.png"
@@ -144,14 +130,14 @@ def test_visualize_prototypes_draws_figures(run_dir, tmp_path):
         assert img.size[0] > 600 and img.size[1] > 300
 
 
-def test_visualize_prototypes_unknown_image(run_dir, capsys):
+def test_visualize_prototypes_unknown_image(tiny_run, capsys):
     namespace = script("visualize_prototypes")
-    argv = [*map(str, model_args(run_dir)), "--split", "val", "--images", "missing.png"]
+    argv = [*map(str, model_args(tiny_run)), "--split", "val", "--images", "missing.png"]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(namespace["main"], namespace["build_parser"](), argv)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert "missing.png" in error and "looked for" in error and str(run_dir.parent / "data" / "val" / "img") in error
+    assert "missing.png" in error and "looked for" in error and str(tiny_run.parent / "data" / "val" / "img") in error
 
 
 @pytest.mark.parametrize("name", ["evaluate_performance", "generate_cam", "visualize_prototypes"])

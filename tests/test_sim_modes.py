@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-from support import DEMO_RANDOM
+from support import DEMO_RANDOM, tiny_config
 
 from construct.config import load_config
 from construct.engine.objective import ConStructObjective
@@ -18,21 +15,12 @@ from construct.models.build import build_model
 from construct.models.conch import load_conch
 
 
-
 def sim_objective(*overrides: str) -> ConStructObjective:
-    config = load_config(DEMO_RANDOM, ["model.image_size=64", "loss.struct_weight=0", "loss.cls_weight=0", *overrides])
+    config = tiny_config("loss.struct_weight=0", "loss.cls_weight=0", *overrides)
     model = build_model(config)
     for adapter in model.adapters.values():  # leave the identity start so every adapter weight is on the path
         torch.nn.init.normal_(adapter.body[-1].weight, std=0.02)
     return ConStructObjective(model, None, config).train()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    generator = torch.Generator().manual_seed(3)
-    images = torch.rand(3, 3, 64, 64, generator=generator)
-    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    return images, labels
 
 
 def trainable_grads(objective: ConStructObjective) -> dict[str, float]:
@@ -48,7 +36,7 @@ def test_sim_alone_trains_adapters_and_prototypes(batch, views):
     for name in ("prototypes.prototypes", "adapters.2.body.0.weight", "adapters.2.body.3.weight", "adapters.2.body.6.weight",
                  "adaptive_layer.0.weight", "cam_scale"):
         assert grads[name] > 0, name
-    assert all(p.grad is None for p in objective.model.conch.parameters())
+    assert all(p.grad is None for p in objective.model.student.parameters())
 
 
 def test_prototype_gradient_mode_leaves_the_cam_path_alone(batch):
@@ -63,7 +51,7 @@ def test_prototype_gradient_mode_leaves_the_cam_path_alone(batch):
 def test_token_views_need_no_second_trunk_pass(batch, monkeypatch):
     objective = sim_objective("loss.sim_views=tokens")
     calls = []
-    conch = objective.model.conch
+    conch = objective.model.student
     monkeypatch.setattr(conch, "encode_image", lambda *a, **k: calls.append("encode_image"))
     original = conch.visual.trunk.forward_intermediates
     monkeypatch.setattr(conch.visual.trunk, "forward_intermediates",

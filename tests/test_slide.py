@@ -4,7 +4,6 @@ real Aperio fixture end to end (tiny random models; small synthetic slides built
 from __future__ import annotations
 
 import json
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+import shapely
 import tifffile
 import torch
 import torch.nn.functional as F
@@ -20,23 +20,21 @@ from shapely.geometry import shape
 from support import BCSS, DEMO_RANDOM, FIXTURES, REPO
 
 from construct.classes import ClassSet
+from construct.commands import predict_slides
 from construct.config import load_config
 from construct.data.io import read_image
-from construct.data.mask_tiff import MaskTiffWriter, pyramid_sizes, read_level
+from construct.data.mask_tiff import MaskTiffWriter, colour_table, pyramid_sizes, read_level
 from construct.data.slide_reader import ArrayReader, OpenSlideReader
-from construct_lab.synthetic.tiles import generate_dataset
-from construct_lab.synthetic.slide import GLASS, SyntheticSlide, write_synthetic_slide
-from construct.engine.distributed import DistInfo
-from construct.engine.trainer import train
 from construct.errors import DataError
 from construct.inference import streaming
 from construct.inference.cam_canvas import CamCanvas
 from construct.inference.predictor import Predictor
-from construct.inference.regions import rasterize_regions
+from construct.inference.regions import AREA_MEASUREMENT, rasterize_regions
 from construct.inference.slide import open_slide, predict_slide
 from construct.inference.streaming import canvas_cell, predict_region, tile_offsets
 from construct.inference.tissue import TissueMask, detect_tissue
 from construct.models.build import build_model
+from construct_lab.synthetic.slide import GLASS, SyntheticSlide, write_synthetic_slide
 
 SVS = FIXTURES / "cmu_small_region.svs"
 HE_CROP = FIXTURES / "he_cmu1_crop_768.png"
@@ -150,8 +148,7 @@ def test_mpp_flag_only_fills_in_a_missing_resolution(tmp_path):
 
 
 def test_predict_slide_help_explains_every_option(capsys):
-    namespace = runpy.run_path(str(REPO / "visualization_utils" / "predict_slide.py"))
-    parser = namespace["build_parser"]()
+    parser = predict_slides.build_parser()
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -184,6 +181,52 @@ def test_mask_tiff_pyramid_from_uneven_bands(tmp_path):
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     rgb = np.asarray(slide.read_region((0, 0), 0, (530, 700)).convert("RGB"))
     np.testing.assert_array_equal(rgb, np.array(BCSS.palette, np.uint8)[mask])  # the palette shows class colours
+
+
+def write_pyramid(path: Path, image: np.ndarray, mpp: float, levels: int = 3) -> None:
+    """``image`` as a tiled pyramidal TIFF of ``levels`` levels (every 2^k-th pixel), at ``mpp``."""
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(levels):
+            pixels_per_cm = 1e4 / (mpp * 2**level)
+            tif.write(image[::2**level, ::2**level], tile=(256, 256), photometric="rgb", metadata=None,
+                      resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER",
+                      **({"subfiletype": 1} if level else {}))
+
+
+def test_a_slide_with_bounds_is_predicted_in_the_frame_qupath_shows(small_model, tmp_path, monkeypatch):
+    """A slide stating openslide.bounds-* (as MIRAX does) gives the outputs of the scanned area alone, in its
+    coordinates: those of a slide holding only that area. Tissue outside the bounds plays no part."""
+    offset, frame = (256, 128), (768, 640)
+    inner = SyntheticSlide(*frame).pixels(np.arange(frame[1]), np.arange(frame[0]))
+    outer = SyntheticSlide(1280, 1024, seed=1).pixels(np.arange(1024), np.arange(1280))  # tissue all around
+    outer[offset[1]:offset[1] + frame[1], offset[0]:offset[0] + frame[0]] = inner
+    write_pyramid(tmp_path / "alone.tif", inner, mpp=1.0)
+    write_pyramid(tmp_path / "framed.tif", outer, mpp=1.0)
+    bounds = {openslide.PROPERTY_NAME_BOUNDS_X: str(offset[0]), openslide.PROPERTY_NAME_BOUNDS_Y: str(offset[1]),
+              openslide.PROPERTY_NAME_BOUNDS_WIDTH: str(frame[0]), openslide.PROPERTY_NAME_BOUNDS_HEIGHT: str(frame[1])}
+
+    class SlideWithBounds(openslide.OpenSlide):
+        @property
+        def properties(self):
+            stated = dict(super().properties)
+            return {**stated, **bounds} if "framed" in self._filename else stated
+
+    monkeypatch.setattr(openslide, "OpenSlide", SlideWithBounds)
+    with OpenSlideReader(tmp_path / "framed.tif") as framed, OpenSlideReader(tmp_path / "alone.tif") as alone:
+        assert framed.offset == offset and framed.size == frame == alone.size and alone.offset == (0, 0)
+        for box in ((0, 0, 64, 64, 1.0), (700, 600, 100, 60, 1.0), (-20, -10, 50, 40, 2.0), (100, 50, 64, 32, 0.5)):
+            np.testing.assert_array_equal(framed.read(*box), alone.read(*box))  # white outside the frame
+        np.testing.assert_array_equal(framed.thumbnail(96), alone.thumbnail(96))
+    config = config_with("data.mpp=1.0", "inference.slide.window=128", "inference.slide.regions_min_area_um2=20")
+    predictor = Predictor(small_model, config, CPU, tta=False, crf=False)
+    reports = {name: predict_slide(open_slide(tmp_path / f"{name}.tif", config), predictor, tmp_path / name)
+               for name in ("framed", "alone")}
+    assert reports["framed"]["frame_offset_px"] == list(offset) and reports["framed"]["size_px"] == list(frame)
+    framed_mask, alone_mask = read_level(tmp_path / "framed" / "framed_mask.tif", 0), read_level(tmp_path / "alone" / "alone_mask.tif", 0)
+    assert framed_mask.shape == frame[::-1] and len(np.unique(framed_mask)) > 1
+    np.testing.assert_array_equal(framed_mask, alone_mask)
+    regions = [json.loads((tmp_path / name / f"{name}_regions.geojson").read_text())["features"] for name in ("framed", "alone")]
+    assert len(regions[0]) > 1 and regions[0] == regions[1]
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -255,33 +298,21 @@ def test_slide_without_tissue_is_refused(tmp_path):
 # --- the real Aperio slide, end to end through the command ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A 2-iteration demo run (tiny random backbones, 224 px) on 8/2/3 synthetic tiles."""
-    root = tmp_path_factory.mktemp("slide_run")
-    generate_dataset(root / "data", n_train=8, n_val=2, n_test=3, seed=0, classes=BCSS)
-    config = load_config(DEMO_RANDOM, [
-        f"data.root={root / 'data'}", f"work_dir={root / 'run'}", "testbed.dataset=null", "data.num_workers=0",
-        "train.max_iters=2", "train.batch_size=4", "inference.batch_size=8", "loss.sim_weight=0",
-    ])
-    train(config, DistInfo(device=CPU))
-    return root / "run"
-
-
-def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
+def test_predict_slide_on_the_aperio_fixture(tiny_run, tmp_path):
     out = tmp_path / "out"
     # data.mpp=2.0: the model reads the 0.499 µm/px slide at 2 µm/px (16x fewer pixels: a fast test that
     # also resamples; the mask still comes out on the slide's own 0.499 µm/px grid).
     result = subprocess.run([sys.executable, str(REPO / "visualization_utils" / "predict_slide.py"), str(SVS),
-                             "--config", str(run_dir / "config.yaml"), "--checkpoint", str(run_dir / "best.pth"),
+                             "--config", str(tiny_run / "config.yaml"), "--checkpoint", str(tiny_run / "best.pth"),
                              "--device", "cpu", "--no-tta", "--out-dir", str(out), "--opts", "data.mpp=2.0"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["cmu_small_region_areas.json", "cmu_small_region_mask.tif",
-                                                      "cmu_small_region_overview.png", "cmu_small_region_regions.geojson",
-                                                      "cohort.csv", "cohort.json"]
+                                                      "cmu_small_region_mask_rgb.ome.tif", "cmu_small_region_overview.png",
+                                                      "cmu_small_region_regions.geojson", "cohort.csv", "cohort.json"]
     assert "mm² tissue" in result.stdout
 
+    classes = ClassSet.from_config(load_config(tiny_run / "config.yaml"))
     slide = openslide.OpenSlide(str(out / "cmu_small_region_mask.tif"))
     assert slide.dimensions == (2220, 2967) and slide.level_count == 5
     assert slide.level_dimensions[1:] == ((1110, 1484), (555, 742), (278, 371), (139, 186))
@@ -291,6 +322,9 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
         assert len(levels) == 5 and levels[0].keyframe.is_tiled
         mask = levels[0].asarray()
     assert mask.shape == (2967, 2220) and mask.max() <= 4
+    with tifffile.TiffFile(out / "cmu_small_region_mask_rgb.ome.tif") as tif:  # what QuPath opens
+        assert tif.is_ome and len(tif.pages[0].subifds) == 4
+        np.testing.assert_array_equal(tif.series[0].levels[2].asarray(), colour_table(classes)[mask[::4, ::4]])
 
     report = json.loads((out / "cmu_small_region_areas.json").read_text())
     areas = report["areas_mm2"]
@@ -311,14 +345,14 @@ def test_predict_slide_on_the_aperio_fixture(run_dir, tmp_path):
     # drawn back onto the slide's grid give the mask's class almost everywhere in the tissue.
     geojson = out / "cmu_small_region_regions.geojson"
     features = json.loads(geojson.read_text(encoding="utf-8"))["features"]
-    assert len(features) > 3 and all(shape(f["geometry"]).is_valid for f in features)
+    geometries = [shape(f["geometry"]) for f in features]
+    assert len(features) > 3 and all(g.is_valid for g in geometries) and shapely.coverage_is_valid(geometries)
     assert {f["properties"]["objectType"] for f in features} == {"annotation"}
     for name in ("TUM", "STR", "LYM", "NEC"):
-        traced = sum(f["properties"]["measurements"]["Area µm^2"] for f in features
+        traced = sum(f["properties"]["measurements"][AREA_MEASUREMENT] for f in features
                      if f["properties"]["classification"]["name"] == name) / 1e6
         assert traced == pytest.approx(areas[name], rel=0.02, abs=1e-4)
-    assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 1  # 1 µm/px
-    classes = ClassSet.from_config(load_config(run_dir / "config.yaml"))
+    assert report["regions"]["features"] == len(features) and report["regions"]["mask_level"] == 0  # 0.5 µm/px
     with OpenSlideReader(SVS) as reader:
         tissue = open_slide(SVS, config_with()).tissue.sample(0, 0, *reader.size)
     drawn = rasterize_regions(geojson, (2220, 2967), classes)

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from support import REPO
 
 SCANNED = [REPO / "main.py", *sorted((REPO / "construct").rglob("*.py")), *sorted((REPO / "construct_lab").rglob("*.py")),
@@ -62,8 +61,8 @@ def escapes(source: str, relative_path: Path) -> list[str]:
 def test_no_source_refers_above_the_repository_root() -> None:
     found = {}
     for path in SCANNED:
-        if path == Path(__file__).resolve():
-            continue  # this file names the patterns it looks for
+        if path.name in ("test_standalone.py", "test_references.py"):
+            continue  # these files name the patterns they look for
         relative = path.relative_to(REPO)
         problems = escapes(path.read_text(encoding="utf-8"), relative)
         if problems:

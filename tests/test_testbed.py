@@ -9,10 +9,10 @@ import pytest
 import torch
 from support import BCSS
 
-from construct_lab.synthetic.tiles import PAINTERS, STYLES, generate_dataset, make_tile, paint
 from construct.errors import ConfigError, DataError
 from construct.models.conch import load_conch
 from construct.models.segformer import load_mit_teacher
+from construct_lab.synthetic.tiles import PAINTERS, STYLES, generate_dataset, make_tile, paint
 from construct_lab.testbed.premises import pure_tiles, zero_shot_accuracy
 from construct_lab.testbed.pretrain import Budget, ensure_testbed, pretrain_conch, read_manifest, tower_paths
 
@@ -38,8 +38,15 @@ def test_pretrained_files_load_strictly_through_the_real_loaders_and_are_reused(
     messages.clear()
     ensure_testbed(folder, seed=3, prompts=BCSS.prompts, budget=TINY, log=messages.append)
     assert conch_file.stat().st_mtime_ns == before and "reusing" in messages[0]
-    with pytest.raises(ConfigError, match="not this testbed"):
+    with pytest.raises(ConfigError, match="towers of another seed.*kept"):
         ensure_testbed(folder, seed=4, prompts=BCSS.prompts, budget=TINY, log=messages.append)
+    own = [*BCSS.prompts[:2], "Glands of the colon.", *BCSS.prompts[3:]]
+    with pytest.raises(ConfigError) as info:  # one's own classes on the demo config: the prompts differ
+        ensure_testbed(folder, seed=3, prompts=own, budget=TINY, log=messages.append)
+    message = str(info.value)
+    assert "other class prompts" in message and "prompt 3: 'Glands of the colon.'" in message
+    assert "delete" not in message and "model.conch.checkpoint" in message
+    assert conch_file.stat().st_mtime_ns == before
 
 
 def test_pretraining_is_deterministic_for_a_seed():

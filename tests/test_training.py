@@ -16,11 +16,10 @@ import construct.engine.objective as objective_module
 import construct.engine.trainer as trainer_module
 from construct.checkpoint import load_checkpoint
 from construct.config import load_config
-from construct_lab.synthetic.tiles import generate_dataset
 from construct.engine.distributed import DistInfo
 from construct.engine.trainer import TrainingError, train
 from construct.errors import ConfigError
-
+from construct_lab.synthetic.tiles import generate_dataset
 
 
 @pytest.fixture(scope="module")

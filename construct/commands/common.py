@@ -91,10 +91,10 @@ def split_dataset(config: Config, split: str) -> tuple[Dataset, str]:
     """Dataset of a split and the presence protocol its CAMs are gated with.
 
     Train tiles are gated with their image-level labels (the pseudo-mask setting of a second-stage
-    segmenter); val/test follow ``inference.presence``.
+    segmenter) and keep their own size; val/test follow ``inference.presence``.
     """
     if split == "train":
-        return train_dataset(config), "ground_truth"
+        return train_dataset(config, resize=False), "ground_truth"
     return eval_dataset(config, split), config.inference.presence
 
 

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from construct.atomic import write_text_atomic
 from construct.cli import run_cli
-from construct.commands.common import add_inference_arguments, add_model_arguments, first, load, make_predictor
+from construct.commands.common import (
+    add_inference_arguments,
+    add_model_arguments,
+    first,
+    load_either_stage,
+    load_settings,
+    make_predictor,
+)
+from construct.data.check import check_config_data
 from construct.data.datasets import eval_dataset
 from construct.inference.evaluate import evaluate_split
 from construct.inference.postprocess import PROTOCOLS
@@ -44,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    config, model, device = load(args)
+    config, device = load_settings(args)
+    # the checkpoint against the config first (a checkpoint of other classes or another student is
+    # one line), then every image header and mask of the split: all problems before any prediction
+    model = load_either_stage(config, args.checkpoint, device)
+    check_config_data(config, [args.split], optional=(), progress=False).raise_if_problems()
     if args.background is not None:
         config = dataclasses.replace(config, evaluation=dataclasses.replace(config.evaluation, background=args.background))
     segmenter = isinstance(model, Segmenter)

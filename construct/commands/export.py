@@ -26,7 +26,7 @@ from construct.commands.common import (
     presence_of,
     split_dataset,
 )
-from construct.data.datasets import ImageFolderDataset
+from construct.data.datasets import ImageFolderDataset, collate_same_size, same_size_batches
 from construct.data.io import read_image, write_image, write_mask
 from construct.inference.predictor import Predictor, to_uint8_images
 from construct.inference.render import overlay
@@ -77,9 +77,10 @@ def save_outputs(out_dir: Path, name: str, image: np.ndarray, mask: np.ndarray, 
 
 def predict_split(predictor: Predictor, dataset: Dataset, protocol: str, num_workers: int, out_dir: Path,
                   args: argparse.Namespace, progress: tqdm) -> None:
-    """Tile-sized split images, in batches."""
-    loader = DataLoader(dataset, batch_size=predictor.config.inference.batch_size, num_workers=num_workers)
-    for batch in loader:
+    """Split images in batches of one size each; every image is predicted at its own size."""
+    loader = DataLoader(dataset, batch_size=predictor.config.inference.batch_size, num_workers=num_workers,
+                        collate_fn=collate_same_size)
+    for batch in same_size_batches(loader):
         predictions = predictor.predict_batch(batch["image"], presence_of(batch), protocol, batch["name"])
         for name, image, prediction in zip(batch["name"], to_uint8_images(batch["image"]), predictions):
             save_outputs(out_dir, name, image, prediction.mask, prediction.cams if args.save_cam else None, args.overlay,

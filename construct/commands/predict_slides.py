@@ -1,5 +1,5 @@
-"""Predict whole slides (any format OpenSlide reads) into pyramidal mask TIFFs, overview PNGs, region GeoJSONs,
-area JSONs and a cohort table; one bad slide does not stop the rest, ``--skip-existing`` resumes.
+"""Predict whole slides (any format OpenSlide reads) into pyramidal masks (class indices, and class colours for
+QuPath), overview PNGs, region GeoJSONs, area JSONs and a cohort table; one bad slide does not stop the rest, ``--skip-existing`` resumes.
 
     python visualization_utils/predict_slide.py --config work_dirs/bcss/construct/config.yaml \
         --checkpoint work_dirs/bcss/construct/best.pth --gpu 0 slides/*.svs
@@ -27,6 +27,7 @@ from construct.commands.common import (
     make_predictor,
     positive_int,
 )
+from construct.data.slide_reader import require_slide_file
 from construct.engine.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed
 from construct.inference.cohort import (
     DONE,
@@ -62,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the slide. Each slide is read at the model's resolution (data.mpp, 0.25 µm/px for BCSS-WSSS; change it "
         "with --opts data.mpp=...), tissue is found on a thumbnail so glass is skipped, tiles are predicted with "
         "overlap and the dense CRF runs window by window (inference.slide). Per slide it writes "
-        "<name>_mask.tif (tiled pyramidal TIFF of class indices: the model's classes in label order, then "
-        "background, e.g. 0=TUM 1=STR 2=LYM 3=NEC 4=BACK for BCSS-WSSS, with the class colours as its palette, "
-        "on the slide's own pixel grid; opens in QuPath and OpenSlide viewers), "
+        "<name>_mask.tif (tiled pyramidal TIFF of class indices for analysis: the model's classes in label order, "
+        "then background, e.g. 0=TUM 1=STR 2=LYM 3=NEC 4=BACK for BCSS-WSSS, with the class colours as its "
+        "palette), <name>_mask_rgb.ome.tif (the class colours as a pyramidal OME-TIFF: open this one in QuPath), "
         "<name>_overview.png (thumbnail, overlay, legend), <name>_regions.geojson (each connected class region as "
-        "a QuPath annotation with its area; inference.slide.regions_*) and <name>_areas.json (tissue and class "
-        "areas in mm², written last: it marks complete outputs), and for all slides cohort.csv and cohort.json "
+        "a QuPath annotation with its area, the regions tiling the tissue; inference.slide.regions_*) and "
+        "<name>_areas.json (tissue and class "
+        "areas in mm², written last: it marks complete outputs). Masks and regions are in the pixels of the "
+        "slide's scanned area as QuPath shows it (openslide.bounds-* where the slide states them, e.g. MIRAX). "
+        "For all slides cohort.csv and cohort.json "
         "(a row per slide: status, error, areas, tiles, seconds, checkpoint, config). A slide that cannot be "
         "opened or predicted gets one error line and a failed row, the others go on, and the exit status is 1. "
         "Under torchrun (--nproc_per_node=N, any number of nodes) the ranks split the slides by area, each on "
@@ -105,6 +109,8 @@ def progress_bars(prefix: str) -> Callable[[Path, tuple[int, int]], contextlib.A
 def main(args: argparse.Namespace) -> None:
     config, device = load_settings(args)
     paths = args.slides[:args.max_images] if args.max_images else args.slides
+    for path in paths:  # before the model is loaded: a folder or a typo is no slide
+        require_slide_file(path)
     check_unique_names(paths)
     out_dir = args.out_dir or args.checkpoint.parent / "slides"
     out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails here, before any work

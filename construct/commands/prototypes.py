@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from construct.atomic import atomic_path
 from construct.classes import ClassSet
 from construct.cli import run_cli
+from construct.commands.common import add_model_arguments, load_settings, presence_of, split_dataset
 from construct.config import Config
 from construct.data.datasets import ImageFolderDataset
 from construct.errors import DataError
@@ -29,7 +30,6 @@ from construct.inference.similarity import prototype_names, prototype_similarity
 from construct.inference.tiling import tiled_forward, window_stride
 from construct.models.build import load_trained_model
 from construct.models.construct import ConStructModel
-from construct.commands.common import add_model_arguments, load_settings, presence_of, split_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ from construct.data.io import read_image, read_mask, write_image, write_mask
 from construct.data.labels import parse_label, read_label_csv
 from construct.data.transforms import flip_rotate
 
-
 __all__ = [
     "IMAGE_SUFFIXES",
     "EvalDataset",

@@ -32,6 +32,37 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: not a readable image ({exc})") from exc
 
 
+TILE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
+"""PIL modes a tile may have: 8 bits per channel (grey, palette, RGB, with or without alpha)."""
+MASK_MODES = ("P", "L")
+
+
+def _mode_text(mode: str) -> str:
+    """A PIL mode in words, naming its bit depth where it is not 8 bits per channel."""
+    depth = {"I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit integer",
+             "F": "32-bit float", "RGB": "8-bit RGB", "RGBA": "8-bit RGBA"}
+    return f"{mode!r} ({depth[mode]})" if mode in depth else repr(mode)
+
+
+def image_header(path: str | Path) -> tuple[int, int, str]:
+    """(width, height, PIL mode) read from the file's header only, without decoding the pixels.
+
+    Raises DataError naming the file when it is missing, not an image, or a tile mode that is not
+    8 bits per channel.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height, mode = img.width, img.height, img.mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+    if mode not in TILE_MODES:
+        raise DataError(f"{path}: unsupported image mode {_mode_text(mode)}; expected 8-bit RGB, grey or palette")
+    return width, height, mode
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as an H×W×3 uint8 RGB array.
 
@@ -42,8 +73,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     img = _open(path)
-    if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
-        raise DataError(f"{path}: unsupported image mode {img.mode!r}; expected 8-bit RGB, grey or palette")
+    if img.mode not in TILE_MODES:
+        raise DataError(f"{path}: unsupported image mode {_mode_text(img.mode)}; expected 8-bit RGB, grey or palette")
     if img.mode in ("LA", "PA", "RGBA") or "transparency" in img.info:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:] / 255.0
@@ -53,7 +84,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path, classes: ClassSet) -> np.ndarray:
-    """Read a class mask (palette 'P' or grey 'L' PNG) as an H×W uint8 array of internal indices.
+    """Read a class mask (palette 'P' or 8-bit grey 'L' PNG or TIFF) as an H×W uint8 array of internal indices.
 
     The file holds the dataset's mask values 0..C (C = number of classes; background at
     ``data.background.index``); they are mapped to classes 0..C-1 and background C. A value above
@@ -62,9 +93,9 @@ def read_mask(path: str | Path, classes: ClassSet) -> np.ndarray:
     path = Path(path)
     img = _open(path)
     top = classes.num_classes
-    if img.mode not in ("P", "L"):
+    if img.mode not in MASK_MODES:
         raise DataError(
-            f"{path}: mask has mode {img.mode!r}; expected a palette ('P') or grey ('L') PNG "
+            f"{path}: mask has mode {_mode_text(img.mode)}; expected an 8-bit palette ('P') or grey ('L') PNG "
             f"holding class values 0-{top}"
         )
     mask = np.asarray(img, dtype=np.uint8).copy()

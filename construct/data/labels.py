@@ -54,18 +54,36 @@ def _require_positive(label: torch.Tensor, where: str) -> None:
         raise DataError(f"{where}: the label has no positive class; every train tile needs at least one")
 
 
-def read_label_csv(path: str | Path, class_names: Sequence[str]) -> dict[str, torch.Tensor]:
+DELIMITERS = (",", ";", "\t")
+"""Cell separators of a label CSV: comma, semicolon (spreadsheets in locales with a decimal comma), tab."""
+_DELIMITER_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs"}
+
+
+def sniff_delimiter(header: str) -> str:
+    """The separator of a CSV whose first line is ``header``: the one of DELIMITERS it holds most of
+    (comma when it holds none, as for a one-column file)."""
+    counts = {delimiter: header.count(delimiter) for delimiter in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def read_label_csv(path: str | Path, class_names: Sequence[str],
+                   problems: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Labels by file name from a CSV: ``filename`` plus one 0/1 column per class, or ``filename,labels``.
 
-    A ``labels`` cell holds class names (``TUM STR``, ``TUM;STR``) or one bit per class (``1 1 0 0``).
-    Every problem is one DataError naming the file and the row (1-based, header = row 1).
+    Cells are separated by commas, semicolons or tabs (read from the header line). A ``labels`` cell
+    holds class names (``TUM STR``, ``TUM;STR``) or one bit per class (``1 1 0 0``). Every problem is
+    one DataError naming the file and the row (1-based, header = row 1); with ``problems``, a bad row
+    is appended there instead and left out, so that all of them can be listed together.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: label CSV not found (data.label_csv)")
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
+            delimiter = sniff_delimiter(handle.readline())
+            handle.seek(0)
+            rows = list(csv.reader(handle, delimiter=delimiter))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the label CSV ({exc})") from None
     if not rows:
@@ -73,7 +91,8 @@ def read_label_csv(path: str | Path, class_names: Sequence[str]) -> dict[str, to
                         "or 'filename,labels'")
     header = [cell.strip() for cell in rows[0]]
     if "filename" not in header:
-        raise DataError(f"{path}: row 1: no 'filename' column in the header {header}")
+        raise DataError(f"{path}: row 1: no 'filename' column in the header {header} (cells separated by "
+                        f"{_DELIMITER_NAMES[delimiter]})")
     name_col = header.index("filename")
     if "labels" in header:
         labels_col = header.index("labels")
@@ -92,16 +111,24 @@ def read_label_csv(path: str | Path, class_names: Sequence[str]) -> dict[str, to
     for row, cells in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in cells):
             continue
-        if len(cells) != len(header):
-            raise DataError(f"{path}: row {row}: {len(cells)} cells, the header has {len(header)}")
-        name = cells[name_col].strip()
-        if not name:
-            raise DataError(f"{path}: row {row}: empty filename")
-        if name in labels:
-            raise DataError(f"{path}: row {row}: {name} is listed twice")
-        label = parse(cells, row)
-        _require_positive(label, f"{path}: row {row} ({name})")
+        try:
+            if len(cells) != len(header):
+                raise DataError(f"{path}: row {row}: {len(cells)} cells, the header has {len(header)}")
+            name = cells[name_col].strip()
+            if not name:
+                raise DataError(f"{path}: row {row}: empty filename")
+            if name in labels:
+                raise DataError(f"{path}: row {row}: {name} is listed twice")
+            label = parse(cells, row)
+            _require_positive(label, f"{path}: row {row} ({name})")
+        except DataError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            continue
         labels[name] = label
+    if not labels and problems:
+        return labels
     if not labels:
         raise DataError(f"{path}: the label CSV has a header but no rows")
     return labels

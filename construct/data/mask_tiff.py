@@ -1,13 +1,21 @@
-"""Tiled, pyramidal TIFF of class indices, written band by band in bounded memory.
+"""The slide mask as two tiled pyramids: class indices for analysis, their colours for viewing.
 
-The file holds one 8-bit palette image per pyramid level (level 0 first, then each level at half
-the previous size, marked as reduced-resolution pages), 256-px tiles, deflate compression and the
-resolution in pixels per centimetre. OpenSlide ("generic-tiff"), QuPath and tifffile open it as a
-pyramid; the palette makes viewers show the class colours while the pixels stay class indices.
+**Class indices** (:class:`MaskTiffWriter`, written band by band in bounded memory). One 8-bit
+palette image per pyramid level (level 0 first, then each level at half the previous size, marked
+as reduced-resolution pages), 256-px tiles, deflate compression and the resolution in pixels per
+centimetre. tifffile and numpy read the pixels as class indices; OpenSlide ("generic-tiff") opens
+it as a pyramid and applies the palette. Bio-Formats (QuPath's default reader for it) shows it as
+one grey channel of the indices, without the reduced levels: hence the second file.
 
-Level 0 goes straight into the file as bands arrive. Each coarser level takes every 2^k-th row
-and column (nearest neighbour: class indices must not be blended) and is spooled to a raw file
-in ``scratch`` until level 0 is complete, then copied in.
+**Colours** (:func:`write_colour_pyramid`). The same pyramid with each index replaced by its class
+colour, as an RGB OME-TIFF whose reduced levels are SubIFDs of level 0 and whose OME-XML states the
+physical pixel size: Bio-Formats (and so QuPath) reads it as one image with resolution levels,
+tiles and µm/px, in the class colours.
+
+Level 0 goes straight into the index file as bands arrive. Each coarser level takes every 2^k-th
+row and column (nearest neighbour: class indices must not be blended) and is spooled to a raw file
+in ``scratch`` until level 0 is complete, then copied in. The colour file is made afterwards from
+the finished index file, one tile at a time.
 """
 
 from __future__ import annotations
@@ -127,7 +135,42 @@ def _raw_tiles(path: Path, width: int, height: int) -> Iterator[np.ndarray]:
             yield from _row_of_tiles(rows.reshape(-1, width))
 
 
+def colour_table(classes: ClassSet) -> np.ndarray:
+    """256×3 uint8: the RGB colour of each class index (the palette of :func:`colormap`)."""
+    return (colormap(classes).T // 257).astype(np.uint8)
+
+
+def write_colour_pyramid(index_path: Path, path: Path, classes: ClassSet, mpp: float, name: str) -> None:
+    """Write the class colours of the index mask at ``index_path`` as a pyramidal RGB OME-TIFF at ``path``.
+
+    Every level of the index file becomes the same level here (level 0 a main image, the rest its
+    SubIFDs), tile for tile; ``name`` is the image name in the OME-XML.
+    """
+    table = colour_table(classes)
+    with tifffile.TiffFile(index_path) as source:
+        pages = [level.keyframe for level in source.series[0].levels]
+        width, height = pages[0].shape[1], pages[0].shape[0]
+        with tifffile.TiffWriter(path, bigtiff=3 * width * height > _BIGTIFF_ABOVE, ome=True) as tif:
+            for level, page in enumerate(pages):
+                pixels_per_cm = 1e4 / (mpp * 2**level)
+                options = dict(photometric="rgb", tile=(TILE, TILE), compression="zlib",
+                               resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+                if level == 0:
+                    options.update(subifds=len(pages) - 1, metadata={
+                        "axes": "YXS", "Name": name, "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+                        "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"})
+                else:
+                    options.update(subfiletype=1, metadata=None)
+                tif.write(_coloured_tiles(page, table), shape=(*page.shape[:2], 3), dtype=np.uint8, **options)
+
+
+def _coloured_tiles(page: tifffile.TiffPage, table: np.ndarray) -> Iterator[np.ndarray]:
+    """The page's tiles (row by row, as stored) in colour."""
+    for data, _, _ in page.segments(maxworkers=1):
+        yield table[np.asarray(data).reshape(page.tilelength, page.tilewidth)]
+
+
 def read_level(path: Path, level: int) -> np.ndarray:
-    """One pyramid level of a mask TIFF written here, as an H×W uint8 array."""
+    """One pyramid level of a mask TIFF written here: H×W uint8 indices, or H×W×3 colours."""
     with tifffile.TiffFile(path) as tif:
         return tif.series[0].levels[level].asarray()

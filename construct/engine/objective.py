@@ -77,7 +77,7 @@ class ConStructObjective(nn.Module):
             ).mean()
         if sim is not None:
             terms["sim"] = sim(
-                images, out.cams, labels, self.model.prototypes(), self.model.prototypes.per_class, self.model.conch,
+                images, out.cams, labels, self.model.prototypes(), self.model.prototypes.per_class, self.model.student,
                 out.tokens,
             )
         losses = {name: self.weights[name] * value for name, value in terms.items()}

@@ -19,20 +19,22 @@ from construct.checkpoint import (
     backbone_identity,
     check_backbones,
     check_classes,
+    check_student,
     load_checkpoint,
     require_stage,
     save_checkpoint,
 )
 from construct.classes import ClassSet
 from construct.config import Config, TrainConfig, config_to_dict, save_config
-from construct.data.datasets import eval_dataset, train_dataset
+from construct.data.check import check_config_data
+from construct.data.datasets import collate_same_size, eval_dataset, train_dataset
 from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.guard import FiniteLossGuard, TrainingError
 from construct.engine.objective import ConStructObjective
 from construct.engine.validate import validate
 from construct.errors import CheckpointError, os_error_reason
-from construct.models.build import build_model, build_teacher
+from construct.models.build import build_model, build_teacher, student_checkpoint
 from construct.models.construct import ConStructModel
 from construct.models.graphs import enable_fast_path
 
@@ -138,12 +140,21 @@ def train(
     resume: str | Path | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
-    """Train ConStruct as configured; returns where the run ended and its best validation mIoU."""
+    """Train ConStruct as configured; returns where the run ended and its best validation mIoU.
+
+    The data check (construct.data.check) reads every label, tile header and val/test mask first:
+    a dataset problem stops the run before anything is written or built.
+    """
+    report = check_config_data(config, ("train", config.data.val_split, "test"), progress=dist_info.is_main)
+    if dist_info.is_main:
+        print(report.summary())
+    report.raise_if_problems()
     device = dist_info.device
     work_dir = Path(config.work_dir)
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:
         require_stage(checkpoint, 1, resume, "main.py --resume")
+        check_student(checkpoint, config.model.student.name, resume)
     if dist_info.is_main:
         prepare_work_dir(config, resume is not None, overwrite)
         save_config(config, work_dir / "config.yaml")
@@ -169,13 +180,14 @@ def train(
     train_loader = DataLoader(SeededAugmentation(train_set, train_cfg.seed), batch_size=train_cfg.batch_size,
                               sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                               persistent_workers=fast_loader, prefetch_factor=4 if fast_loader else None)
-    val_loader = DataLoader(val_set, batch_size=config.inference.batch_size, num_workers=workers)
+    val_loader = DataLoader(val_set, batch_size=config.inference.batch_size, num_workers=workers,
+                            collate_fn=collate_same_size)
 
     model = build_model(config, device)
     teacher = build_teacher(config, device) if config.loss.struct_weight > 0 else None
     objective = ConStructObjective(model, teacher, config).to(device)
     if dist_info.is_main:
-        groups = {"conch (frozen)": list(model.conch.parameters())}
+        groups = {f"{model.student.name} (frozen)": list(model.student.parameters())}
         if teacher is not None:
             groups["teacher (frozen)"] = list(teacher.parameters())
         groups.update({"adapters": list(model.adapters.parameters()), "prototypes": list(model.prototypes.parameters()),
@@ -192,14 +204,14 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_iterations, train_cfg.poly_power,
                                                                           train_cfg.warmup_iters, train_cfg.warmup_ratio))
 
-    identity = backbone_identity(model.conch, teacher, config.model.conch.checkpoint, config.model.teacher.checkpoint)
+    identity = backbone_identity(model.student, teacher, student_checkpoint(config), config.model.teacher.checkpoint)
     iteration = 0
     best = {"miou": -1.0, "iteration": 0}
     if checkpoint is not None:
         check_classes(checkpoint, ClassSet.from_config(config).names, resume)
         iteration, best = _restore(checkpoint, resume, model, objective, optimizer, scheduler, identity)
     if cuda_fast:  # after the identity: its fingerprint reads the fp32 weights
-        for tower in (model.conch, teacher):
+        for tower in (model.student, teacher):
             if tower is not None:
                 enable_fast_path(tower)
 

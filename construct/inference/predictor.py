@@ -18,7 +18,7 @@ from construct.inference.postprocess import (
     presence_from_logits,
     select_presence,
 )
-from construct.inference.tiling import tiled_forward, window_stride
+from construct.inference.tiling import forward_any_size, window_stride
 from construct.inference.tta import TtaSettings
 from construct.models.construct import ConStructModel
 from construct.models.graphs import enable_fast_path
@@ -70,19 +70,20 @@ def denormalized_uint8_images(images: torch.Tensor, mean: Sequence[float], std: 
 class Predictor:
     """Turns [0, 1] image batches into masks with the inference settings of ``config``.
 
-    Tile-sized images run as one batch; larger ones go through sliding-window tiling. ``tta`` runs
+    Tile-sized images run as one batch; others through :func:`forward_any_size` (a sliding window,
+    after upsampling an image smaller than the tile), so each is predicted at its own size. ``tta`` runs
     ``inference.tta`` over ``inference.tta_factors`` × ``inference.tta_flip`` on every tile (off = one
     plain pass; :attr:`tta` says which ran); ``crf`` runs the dense CRF of
     ``inference.crf`` over ``workers`` processes (None = all cores). ``inference.fast_path`` on a
-    CUDA device replays CONCH's frozen forward as CUDA graphs with bf16 weights (one per TTA pass
-    shape; this changes ``model.conch`` for good). Close it (or use ``with``) to stop the CRF workers.
+    CUDA device replays the student's frozen forward as CUDA graphs with bf16 weights (one per TTA pass
+    shape; this changes ``model.student`` for good). Close it (or use ``with``) to stop the CRF workers.
     """
 
     def __init__(self, model: ConStructModel, config: Config, device: torch.device, tta: bool = True,
                  crf: bool = True, workers: int | None = None) -> None:
         self.model = model.to(device).eval()
         if config.inference.fast_path and device.type == "cuda":
-            enable_fast_path(self.model.conch)
+            enable_fast_path(self.model.student)
         self.config = config
         self.device = device
         self.inference = config.inference
@@ -100,19 +101,13 @@ class Predictor:
 
     @torch.no_grad()
     def network(self, images: torch.Tensor, names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw CAMs (B×C×h×w: the CAM grid for tile-sized images, pixels for tiled ones) and logits (B×C)."""
+        """Raw CAMs (B×C×h×w: the CAM grid for tile-sized images, pixels for others) and logits (B×C) of a
+        batch of same-size images."""
         images = images.to(self.device, non_blocking=True)
-        tile = self.config.model.image_size
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             enabled=inference_autocast(self.device, self.inference)):
-            if tuple(images.shape[-2:]) == (tile, tile):
-                return self._forward(images)
-            outputs = [
-                tiled_forward(self._forward, image, tile, window_stride(self.config), self.inference.batch_size,
-                              name=names[i] if names else f"image {i}")
-                for i, image in enumerate(images)
-            ]
-        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+            return forward_any_size(self._forward, images, self.config.model.image_size, window_stride(self.config),
+                                    self.inference.batch_size, names)
 
     @torch.no_grad()
     def postprocess(self, images: torch.Tensor, cams: torch.Tensor, logits: torch.Tensor, protocol: str,

@@ -1,20 +1,24 @@
-"""Class regions of a finished mask TIFF as QuPath GeoJSON annotations, in bounded memory.
+"""Class regions of a finished mask TIFF as QuPath GeoJSON annotations that tile the tissue.
 
 The output is what QuPath's own exporter writes and imports as annotations (TIAToolbox's
 ``AnnotationStore.from_geojson`` and LazySlide read it too): a FeatureCollection in level-0 pixel
-coordinates with one Polygon feature per connected region of a class (4-connected, holes kept),
-``properties.objectType = "annotation"``, ``classification = {name, color: [r, g, b]}`` and the
-region's area in µm² under ``measurements``. Background (glass, and background inside the tissue)
-gets no feature.
+coordinates of the mask (the slide's frame) with one Polygon feature per connected region of a
+class (4-connected, holes kept), ``properties.objectType = "annotation"``, ``classification =
+{name, color: [r, g, b]}`` and the region's area in µm² under ``measurements`` (named so that
+QuPath keeps it beside its own "Area µm^2"). Background (glass, and background inside the
+tissue) gets no feature.
 
-The regions are traced on a reduced level of the mask pyramid, the coarsest whose pixel is no
-wider than the simplification tolerance, read one band of tile rows at a time. Polygons come from
+The regions are traced on a level of the mask pyramid, the coarsest whose pixel is no wider than
+half the simplification tolerance, read one band of tile rows at a time. Polygons come from
 ``rasterio.features.shapes`` (GDAL's polygonizer: outlines on pixel edges, so a polygon's area is
-exactly its pixel count); a polygon that reaches a band's lower edge is held back and united
-(shapely) with the polygons of its class it shares an edge with in the next band. A finished
-region is clipped to the slide, simplified (Douglas-Peucker, topology preserved), dropped when
-below the minimum area, and written out at once; only the regions still open at the current band
-edge are kept.
+exactly its pixel count). Each band's regions, background included, form a polygonal coverage
+(every pixel corner on an outline made a vertex, so neighbours share their edges vertex for vertex)
+that ``shapely.coverage_simplify`` (Visvalingam-Whyatt) simplifies as a whole, keeping the band's
+own edges: an edge two regions share is simplified once for both, so features never overlap and
+leave no sliver between them. A region that reaches a band's lower edge is held back and united
+(shapely) with the pieces of its class it shares a stretch of that edge with in the next band.
+Finished regions below the minimum area are left out, the others are written out at once; only
+the regions still open at the current band edge are kept.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from construct.classes import ClassSet
 
 BAND_PIXELS = 16_000_000
 """About how many pixels of the reduced mask level are traced at once (a band of whole tile rows)."""
-AREA_MEASUREMENT = "Area µm^2"
-"""Name of the area measurement, as QuPath names its own."""
+AREA_MEASUREMENT = "Class area µm^2"
+"""Name of the area measurement: QuPath >= 0.6 drops an imported measurement named like its own "Area µm^2"."""
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,15 @@ class RegionSummary:
 
 
 def trace_level(level_sizes: list[tuple[int, int]], mpp: float, simplify_um: float) -> int:
-    """The coarsest pyramid level whose pixel is at most ``simplify_um`` wide (level 0 at least).
+    """The coarsest pyramid level whose pixel is at most half ``simplify_um`` wide (level 0 at least).
 
-    Level k keeps every 2^k-th pixel of level 0 (:func:`construct.data.mask_tiff.pyramid_sizes`);
-    finer detail would be simplified away anyway, tracing it would only cost time.
+    Level k keeps every 2^k-th pixel of level 0 (:func:`construct.data.mask_tiff.pyramid_sizes`), so
+    its outlines are off by up to a pixel before simplification moves them: half the tolerance keeps
+    the two errors together within about the tolerance; finer detail would be simplified away anyway.
     """
     level = 0
     for index in range(len(level_sizes)):
-        if mpp * 2**index <= simplify_um:
+        if mpp * 2**index <= simplify_um / 2:
             level = index
     return level
 
@@ -95,22 +100,36 @@ def mask_level_bands(path: Path, level: int) -> Iterator[tuple[int, np.ndarray]]
         yield band_top, band
 
 
-def trace_regions(bands: Iterator[tuple[int, np.ndarray]], height: int, background: int) -> Iterator[tuple[int, Polygon]]:
-    """(class index, polygon in the bands' pixels) of every 4-connected region that is not ``background``.
+def simplified_regions(bands: Iterator[tuple[int, np.ndarray]], height: int, tolerance: float,
+                       background: int) -> Iterator[tuple[int, Polygon]]:
+    """(value, simplified polygon in the bands' pixels) of every 4-connected region that is not ``background``.
 
-    A region crossing band edges comes out once, whole, when the band below it no longer continues it.
+    Each band's regions, background included, are simplified together as one coverage whose outline
+    (the band's edges) stays as it is, so that a region's pieces in neighbouring bands still meet
+    along the band edge; a region crossing band edges comes out once, whole, when the band below it
+    no longer continues it.
     """
     open_regions: list[tuple[int, Polygon]] = []  # regions that reach the lower edge of the last band
     for top, rows in bands:
         bottom = top + rows.shape[0]
         traced = [(int(value), affinity.translate(shape(geometry), 0, top))
-                  for geometry, value in shapes(rows, mask=rows != background, connectivity=4)]
+                  for geometry, value in shapes(rows, connectivity=4)]
         above, open_regions = open_regions, []
-        for value, polygon in _join_at_edge(above, traced, top):
+        for value, polygon in _join_at_edge(above, _simplify_band(traced, tolerance, background), top):
             if bottom < height and polygon.bounds[3] >= bottom:
                 open_regions.append((value, polygon))
             else:
                 yield value, polygon
+
+
+def _simplify_band(traced: list[tuple[int, Polygon]], tolerance: float, background: int) -> list[tuple[int, Polygon]]:
+    """The band's regions but background, simplified as one coverage with the band's outline kept."""
+    # A vertex at every pixel corner on the outlines: the polygonizer leaves out corners where only a
+    # neighbour's outline turns, and a coverage needs its shared edges vertex for vertex on both sides.
+    coverage = shapely.segmentize(np.array([polygon for _, polygon in traced], dtype=object), 1.0)
+    simplified = shapely.coverage_simplify(coverage, tolerance, simplify_boundary=False)
+    return [(value, part) for (value, _), polygon in zip(traced, simplified) if value != background
+            for part in _valid_polygons(polygon)]
 
 
 def _join_at_edge(above: list[tuple[int, Polygon]], traced: list[tuple[int, Polygon]],
@@ -160,23 +179,19 @@ def region_features(mask_path: Path, classes: ClassSet, mpp: float, settings: Re
     # half a block; whole pixels, so that no outline runs through pixel centres).
     to_level0 = [factor, 0, 0, factor, -((factor - 1) // 2), -((factor - 1) // 2)]
     extent = box(0, 0, width, height)
-    tolerance_px = settings.simplify_um / mpp
+    tolerance = settings.simplify_um / (mpp * factor)  # in level pixels
     um2_per_px = mpp * mpp
     if summary is not None:
         summary.level = level
         summary.area_um2.update({name: 0.0 for name in classes.names})
-    for value, polygon in trace_regions(mask_level_bands(mask_path, level), level_h, classes.background):
+    for value, polygon in simplified_regions(mask_level_bands(mask_path, level), level_h, tolerance,
+                                             classes.background):
         if value >= classes.num_classes:
             continue  # not a class of this model (a mask of another class set)
         polygon = affinity.affine_transform(polygon, to_level0)
         if level:
             polygon = polygon.intersection(extent)
-        if polygon.area * um2_per_px < settings.min_area_um2:
-            continue
-        # Douglas-Peucker depends on where a ring starts and on collinear vertices (band edges leave some):
-        # without both, a region would simplify differently when traced in other bands.
-        polygon = shapely.normalize(polygon.simplify(0))
-        for part in _valid_polygons(polygon.simplify(tolerance_px, preserve_topology=True)):
+        for part in _valid_polygons(polygon):
             area_um2 = part.area * um2_per_px
             if area_um2 < settings.min_area_um2:
                 continue

@@ -22,7 +22,7 @@ from construct.config import Config
 from construct.inference.crf import CrfPool
 from construct.inference.postprocess import apply_background_prior
 from construct.inference.predictor import Prediction, inference_autocast, to_uint8_images
-from construct.inference.tiling import tiled_forward, window_stride
+from construct.inference.tiling import forward_any_size, window_stride
 from construct.models.segmenter import Segmenter
 
 NO_GATING = "none"
@@ -54,7 +54,7 @@ class FlipTta:
 class SegmenterPredictor:
     """Turns [0, 1] image batches into masks with a stage-2 segmenter.
 
-    Tile-sized images run as one batch; others go through sliding-window tiling (as stage 1).
+    Images of any size run as stage 1's do (one batch for tile-sized ones, a sliding window otherwise).
     ``tta`` allows ``stage2.tta_flip`` and ``crf`` allows ``stage2.crf`` (``inference.crf``'s
     kernels over ``workers`` processes); the dataset's background prior applies as in stage 1.
     """
@@ -83,20 +83,13 @@ class SegmenterPredictor:
 
     @torch.no_grad()
     def network(self, images: torch.Tensor, names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (B×(C+1)×h×w: the output grid for tile-sized images, pixels for tiled ones)
-        and each class's highest probability (B×C)."""
+        """Class probabilities (B×(C+1)×h×w: the output grid for tile-sized images, pixels for others;
+        stage 1's sizing rules) and each class's highest probability (B×C)."""
         images = images.to(self.device, non_blocking=True)
-        tile = self.config.model.image_size
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             enabled=inference_autocast(self.device, self.inference)):
-            if tuple(images.shape[-2:]) == (tile, tile):
-                return self._forward(images)
-            outputs = [
-                tiled_forward(self._forward, image, tile, window_stride(self.config), self.inference.batch_size,
-                              name=names[i] if names else f"image {i}")
-                for i, image in enumerate(images)
-            ]
-        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+            return forward_any_size(self._forward, images, self.config.model.image_size, window_stride(self.config),
+                                    self.inference.batch_size, names)
 
     @torch.no_grad()
     def postprocess(self, images: torch.Tensor, probs: torch.Tensor, scores: torch.Tensor, protocol: str = NO_GATING,

@@ -1,9 +1,11 @@
-"""Whole-slide prediction to files: pyramidal mask TIFF, overview PNG, class regions as GeoJSON, and a JSON of
-tissue areas.
+"""Whole-slide prediction to files: the mask as pyramids of class indices and of class colours, an overview PNG,
+class regions as GeoJSON, and a JSON of tissue areas.
 
 :func:`open_slide` checks a slide up front (OpenSlide can read it, its resolution is known, it
 holds tissue) so that bad inputs fail before the model loads; :func:`predict_slide` streams the
-prediction (:mod:`construct.inference.streaming`) into the TIFF and writes the summaries. Every
+prediction (:mod:`construct.inference.streaming`) into the index TIFF and writes the rest from it. All
+outputs share the slide reader's frame (:class:`~construct.data.slide_reader.OpenSlideReader`: the
+scanned area QuPath displays, level-0 pixels from its top left corner). Every
 file is written inside a hidden scratch folder in the output folder and renamed into place only
 when all of them are complete (the JSON last), so a failed or interrupted run leaves nothing
 half-written.
@@ -26,7 +28,7 @@ from PIL import Image
 
 from construct.classes import ClassSet
 from construct.config import Config
-from construct.data.mask_tiff import MaskTiffWriter, read_level
+from construct.data.mask_tiff import MaskTiffWriter, read_level, write_colour_pyramid
 from construct.data.slide_reader import OpenSlideReader
 from construct.errors import DataError
 from construct.inference.overview import draw_overview
@@ -42,6 +44,9 @@ OVERVIEW_SIDE = 1024
 @dataclass
 class SlideOutputs:
     mask: Path
+    """Class indices (numpy, tifffile, OpenSlide)."""
+    mask_colours: Path
+    """The class colours as a pyramidal OME-TIFF (QuPath's default reader, Bio-Formats)."""
     overview: Path
     regions: Path
     areas: Path
@@ -49,12 +54,12 @@ class SlideOutputs:
 
     @classmethod
     def for_slide(cls, out_dir: Path, name: str) -> SlideOutputs:
-        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_overview.png", out_dir / f"{name}_regions.geojson",
-                   out_dir / f"{name}_areas.json")
+        return cls(out_dir / f"{name}_mask.tif", out_dir / f"{name}_mask_rgb.ome.tif", out_dir / f"{name}_overview.png",
+                   out_dir / f"{name}_regions.geojson", out_dir / f"{name}_areas.json")
 
     def files(self, regions: bool = True) -> list[Path]:
         """The files of one slide, in the order they are put in place (the areas JSON last)."""
-        return [self.mask, self.overview, *([self.regions] if regions else []), self.areas]
+        return [self.mask, self.mask_colours, self.overview, *([self.regions] if regions else []), self.areas]
 
     def complete(self, regions: bool = True) -> bool:
         return all(path.is_file() for path in self.files(regions))
@@ -126,9 +131,11 @@ def predict_slide(slide: OpenedSlide, predictor: Predictor, out_dir: Path,
         classes = predictor.classes
         writer = MaskTiffWriter(staged.mask, reader.size, reader.mpp, scratch, classes)
         writer.write((band.top, band.mask) for band in stream.bands())
+        write_colour_pyramid(staged.mask, staged.mask_colours, classes, reader.mpp, reader.name)
         report = {
-            "slide": str(reader.path), "vendor": reader.vendor, "size_px": list(reader.size), "mpp": reader.mpp,
-            "mpp_source": reader.mpp_source, "model_mpp": config.data.mpp, "mask": outputs.mask.name,
+            "slide": str(reader.path), "vendor": reader.vendor, "size_px": list(reader.size),
+            "frame_offset_px": list(reader.offset), "mpp": reader.mpp, "mpp_source": reader.mpp_source,
+            "model_mpp": config.data.mpp, "mask": outputs.mask.name, "mask_colours": outputs.mask_colours.name,
             "mask_levels": len(writer.sizes), "overview": outputs.overview.name,
             "class_indices": {name: index for index, name in enumerate(classes.all_names)},
             "class_colors": {name: list(rgb) for name, rgb in zip(classes.all_names, classes.palette)},

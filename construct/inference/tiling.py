@@ -1,8 +1,10 @@
-"""Sliding-window inference on images larger than the training tile: overlapping tiles, averaged CAMs."""
+"""Inference on images of any size: the training tile as one batch, larger images by a sliding
+window of overlapping tiles with averaged CAMs, smaller ones upsampled to the tile first."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +63,26 @@ def tiled_forward(forward: Forward, image: torch.Tensor, tile: int, stride: int,
             count[:, y:y + tile, x:x + tile] += 1
         logits_sum += logits.float().sum(dim=0)
     return (canvas / count)[None], (logits_sum / len(windows))[None]
+
+
+def forward_any_size(forward: Forward, images: torch.Tensor, tile: int, stride: int, batch_size: int,
+                     names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAMs (B×C×h×w) and logits (B×C) of a batch of same-size B×3×H×W images, whatever H and W.
+
+    Tile-sized images run as one batch (CAMs on the CAM grid). Larger ones go through
+    :func:`tiled_forward` (CAMs at pixel resolution). An image smaller than the tile in a side is
+    first upsampled (bilinear) until that side is the tile, then treated alike; its CAMs come at the
+    upsampled size. Callers resize CAMs to the image anyway, so each image is scored at its own size.
+    """
+    height, width = images.shape[-2:]
+    if (height, width) == (tile, tile):
+        return forward(images)
+    if min(height, width) < tile:
+        scale = tile / min(height, width)
+        size = (max(tile, math.ceil(height * scale - 1e-6)), max(tile, math.ceil(width * scale - 1e-6)))
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+        if size == (tile, tile):
+            return forward(images)
+    outputs = [tiled_forward(forward, image, tile, stride, batch_size, name=names[i] if names else f"image {i}")
+               for i, image in enumerate(images)]
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])

@@ -1,7 +1,7 @@
 """Test-time augmentation (method.md §7): horizontal flips × intensity factors or input scales.
 
 ``intensity`` is what the authors' code runs and what made the paper's numbers: every pass sees the
-tile at its own size, CONCH's normalised input multiplied by a factor (the ``ttach`` ``Multiply``
+tile at its own size, the student's normalised input multiplied by a factor (the ``ttach`` ``Multiply``
 transform on an already-normalised tensor), optionally mirrored. ``resize`` is multi-scale TTA.
 """
 
@@ -41,7 +41,7 @@ def intensity_tta(model: ConStructModel, images: torch.Tensor, factors: Sequence
                   flip: bool, normalize_each: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CAMs over flips × intensity factors (B×C×h×w) and the logits of the plain pass (B×C).
 
-    Each pass multiplies CONCH's normalised input by a factor, at the input's size; mirrored passes
+    Each pass multiplies the student's normalised input by a factor, at the input's size; mirrored passes
     are mirrored back before averaging. As in the authors' code, the image-level logits come from
     one plain pass, not from the augmented ones. When 1.0 is a factor, the unflipped ×1.0 pass *is*
     that plain pass (the same input, bit for bit), so its logits are taken instead of running it twice.

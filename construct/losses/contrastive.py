@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:  # the encoder is passed in; losses do not build models
-    from construct.models.conch import ConchModel
+    from construct.models.student import Student
 
 
 class MemoryBank(nn.Module):
@@ -82,7 +82,7 @@ class FgBgContrastiveLoss(nn.Module):
     """L_sim = L_fg + L_bg over the (image, present class) pairs of a batch.
 
     For each pair, the soft CAM (scaled to [0, 1]) weights an FG view (soft · FG mask) and a BG
-    view ((1 − soft) · BG mask) that CONCH embeds in its joint space:
+    view ((1 − soft) · BG mask) that the student embeds in its joint space:
     - L_fg: the FG embedding is pulled to its class prototype(s), pushed from the other classes'
       prototypes and from the memory bank.
     - L_bg: the BG embedding is pulled to the other classes' prototypes, pushed from its own.
@@ -90,13 +90,14 @@ class FgBgContrastiveLoss(nn.Module):
     positive peak) has nothing to embed and is left out of its term.
 
     How the views are embedded is configurable (method.md §6 and §9.2 for the paper's reading):
-    - ``views="image"`` (the paper): the masked images go through the CONCH image encoder, at
+    - ``views="image"`` (the paper): the masked images go through the student's image encoder, at
       ``view_size`` px; with ``gradient="encoder"`` the gradient flows back through the encoder's
       activations into the CAM, optionally with activation checkpointing in chunks of
       ``checkpoint_chunk`` views, so that only one chunk's activations are ever held.
-    - ``views="tokens"``: the last-block tokens that the forward pass already computed are pooled
-      by CONCH's contrastive attentional pooler with the view's weights in its attention (no
-      second trunk pass); the gradient reaches the CAM through the pooling weights.
+    - ``views="tokens"``: the tokens that the forward pass already computed are pooled by the
+      student's contrastive pooling with the view's weights in its attention (CONCH: its
+      attentional pooler; OpenCLIP: the last block's class-token attention; no second trunk
+      pass); the gradient reaches the CAM through the pooling weights.
     - ``gradient="prototypes"``: the views are embedded without a graph, so only the prototypes
       learn from L_sim.
     - ``gradient="none"`` (the released code): the whole term is computed without a graph; it is
@@ -147,7 +148,7 @@ class FgBgContrastiveLoss(nn.Module):
         pair_images = images[batch_idx]
         return fg * pair_images, bg * pair_images, class_idx
 
-    def _encode_images(self, views: torch.Tensor, encoder: ConchModel) -> torch.Tensor:
+    def _encode_images(self, views: torch.Tensor, encoder: Student) -> torch.Tensor:
         if self.view_size is not None and views.shape[-1] != self.view_size:
             views = F.interpolate(views, size=(self.view_size, self.view_size), mode="bilinear", align_corners=False)
         if self.gradient == "prototypes":
@@ -158,7 +159,7 @@ class FgBgContrastiveLoss(nn.Module):
         return torch.cat([checkpoint(encoder.encode_image, chunk, use_reentrant=False)
                           for chunk in views.split(self.checkpoint_chunk)])
 
-    def embed(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, encoder: ConchModel,
+    def embed(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, encoder: Student,
               tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """L2-normalised FG and BG embeddings (P×D each), the class index of each pair, and which
         views are not empty (2×P booleans: FG row, BG row)."""
@@ -194,7 +195,7 @@ class FgBgContrastiveLoss(nn.Module):
         labels: torch.Tensor,
         prototypes: torch.Tensor,
         per_class: int,
-        encoder: ConchModel,
+        encoder: Student,
         tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``prototypes``: (C·K)×D normalised, class-major; ``images`` in [0, 1]; ``tokens``: the
@@ -205,7 +206,7 @@ class FgBgContrastiveLoss(nn.Module):
         return self._loss(images, cams, labels, prototypes, per_class, encoder, tokens)
 
     def _loss(self, images: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
-              per_class: int, encoder: ConchModel, tokens: torch.Tensor | None) -> torch.Tensor:
+              per_class: int, encoder: Student, tokens: torch.Tensor | None) -> torch.Tensor:
         fg_emb, bg_emb, class_idx, non_empty = self.embed(images, cams, labels, encoder, tokens)
         fg_ok, bg_ok = non_empty
         if not non_empty.any():

@@ -6,17 +6,43 @@ from pathlib import Path
 
 import torch
 
-from construct.checkpoint import backbone_identity, check_backbones, check_classes, load_checkpoint, require_stage
+from construct.checkpoint import (
+    backbone_identity,
+    check_backbones,
+    check_classes,
+    check_student,
+    load_checkpoint,
+    require_stage,
+)
 from construct.classes import ClassSet
 from construct.config import Config
 from construct.errors import CheckpointError
-from construct.models.conch import load_conch, tokenize
+from construct.models.conch import load_conch
 from construct.models.construct import ConStructModel
+from construct.models.open_clip_student import load_open_clip_student
 from construct.models.segformer import MiTTeacher, load_mit_teacher
+from construct.models.student import Student
+
+
+def student_checkpoint(config: Config) -> str | None:
+    """The weight file (or folder) of the configured student: model.conch.checkpoint for CONCH,
+    model.student.checkpoint for the OpenCLIP students."""
+    model_cfg = config.model
+    return model_cfg.conch.checkpoint if model_cfg.student.name == "conch" else model_cfg.student.checkpoint
+
+
+def load_student(config: Config) -> Student:
+    """The frozen student that ``model.student.name`` chooses, from its local weights (random when null)."""
+    model_cfg = config.model
+    if model_cfg.student.name == "conch":
+        return load_conch(model_cfg.conch.checkpoint, image_size=model_cfg.image_size, preset=model_cfg.conch.preset,
+                          tokenizer_path=model_cfg.conch.tokenizer)
+    return load_open_clip_student(model_cfg.student.checkpoint, name=model_cfg.student.name,
+                                  preset=model_cfg.student.preset, image_size=model_cfg.image_size)
 
 
 def build_model(config: Config, device: torch.device | str = "cpu") -> ConStructModel:
-    """CONCH student + adapters + text-initialised prototypes, on ``device``.
+    """Frozen student + adapters + text-initialised prototypes, on ``device``.
 
     Frozen backbones without a checkpoint get random weights drawn from ``train.seed``, so a run,
     its resume and its evaluation all see the same network.
@@ -24,13 +50,11 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> ConStruct
     model_cfg = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        conch = load_conch(model_cfg.conch.checkpoint, image_size=model_cfg.image_size, preset=model_cfg.conch.preset,
-                           tokenizer_path=model_cfg.conch.tokenizer)
+        student = load_student(config)
         with torch.no_grad():
-            prompts = list(ClassSet.from_config(config).prompts)
-            text_embeddings = conch.encode_text(tokenize(prompts, model_cfg.conch.tokenizer))
+            text_embeddings = student.encode_text(student.tokenize(list(ClassSet.from_config(config).prompts)))
         model = ConStructModel(
-            conch=conch,
+            student=student,
             text_embeddings=text_embeddings,
             feature_blocks=model_cfg.feature_blocks,
             level_scales=model_cfg.level_scales,
@@ -44,8 +68,8 @@ def build_model(config: Config, device: torch.device | str = "cpu") -> ConStruct
             projector_input=model_cfg.projector_input,
             projector_init=model_cfg.projector_init,
         )
-        if model_cfg.conch.normalization == "dataset":
-            conch.set_feature_normalization(model_cfg.conch.dataset_mean, model_cfg.conch.dataset_std)
+        if model_cfg.conch.normalization == "dataset":  # CONCH only (config validation)
+            student.set_feature_normalization(model_cfg.conch.dataset_mean, model_cfg.conch.dataset_std)
     return model.to(device)
 
 
@@ -61,14 +85,15 @@ def build_teacher(config: Config, device: torch.device | str = "cpu") -> MiTTeac
 def load_trained_model(config: Config, checkpoint_path: str | Path, device: torch.device | str = "cpu") -> ConStructModel:
     """Build the model of ``config`` and load a training checkpoint's trainable state, in eval mode.
 
-    A checkpoint of another class set fails naming both lists; one of another model or config fails
-    with the mismatched keys listed.
+    A checkpoint of another class set or student fails naming both; one of another model or config
+    fails with the mismatched keys listed.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     require_stage(checkpoint, 1, checkpoint_path, "the ConStruct (CAM) model")
     check_classes(checkpoint, ClassSet.from_config(config).names, checkpoint_path)
+    check_student(checkpoint, config.model.student.name, checkpoint_path)
     model = build_model(config, "cpu")
-    identity = backbone_identity(model.conch, None, config.model.conch.checkpoint, None)
+    identity = backbone_identity(model.student, None, student_checkpoint(config), None)
     check_backbones(checkpoint, identity, checkpoint_path)
     try:
         model.load_trainable_state_dict(checkpoint["model"])

@@ -24,6 +24,7 @@ from construct.checkpoint import read_weight_file
 from construct.constants import CLIP_MEAN, CLIP_STD
 from construct.errors import CheckpointError, ConfigError
 from construct.models.graphs import FrozenGraphs
+from construct.models.student import OPEN_CLIP_FILE, weight_file_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -38,6 +39,8 @@ PATCH_SIZE = 16
 POOLER_HEADS = 8
 IGNORED_PREFIX = "text_decoder."
 POS_EMBED_KEY = "visual.trunk.pos_embed"
+OPEN_CLIP_FOLDER_FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+"""Files of a Hugging Face OpenCLIP folder: given as the CONCH checkpoint, they name the mistake."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,13 @@ class ConchModel(nn.Module):
 
     Images are [0, 1] RGB; normalisation happens inside: CLIP's, unless
     :meth:`set_feature_normalization` gives the feature pass (block features, trunk tokens) others.
+    The :class:`~construct.models.student.Student` named ``conch``: block features from the timm
+    trunk's blocks, CONCH's 128-token BPE text tower, and the contrastive attentional pooler for
+    image embeddings and token views.
     """
+
+    name = "conch"
+    patch_size = PATCH_SIZE
 
     def __init__(
         self, preset: str = "vit_b16", image_size: int = 224, pad_id: int = 0, tokenizer_path: str | None = None
@@ -277,6 +286,9 @@ def load_conch(
     no antialiasing, class token kept) as the reference loader does; ``text_decoder.*`` is ignored.
     """
     path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if path is not None and path.is_dir() and any((path / name).is_file() for name in OPEN_CLIP_FOLDER_FILES):
+        raise CheckpointError(f"CONCH checkpoint {path} is an {OPEN_CLIP_FILE} folder, not CONCH: set "
+                              f"model.student.name: quiltnet (or openai_clip) and model.student.checkpoint: {path}")
     if path is not None and not path.is_file():
         raise CheckpointError(
             f"CONCH checkpoint not found: {path}. Download pytorch_model.bin from the gated Hugging Face repo "
@@ -350,6 +362,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     state = read_weight_file(path, "CONCH checkpoint")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"CONCH checkpoint {path} is not a plain state dict (name → tensor)")
+    if weight_file_kind(state) == OPEN_CLIP_FILE:
+        raise CheckpointError(f"CONCH checkpoint {path} is an {OPEN_CLIP_FILE} file, not CONCH: set "
+                              f"model.student.name: quiltnet (or openai_clip) and model.student.checkpoint: {path}")
     return dict(state)
 
 

@@ -1,4 +1,4 @@
-"""The ConStruct model: frozen CONCH → feature pyramid → adapters → prototype CAMs → logits."""
+"""The ConStruct model: frozen student (CONCH or an OpenCLIP ViT) → feature pyramid → adapters → prototype CAMs → logits."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from construct.models.adapters import ResidualAdapter
-from construct.models.conch import ConchModel
 from construct.models.prototypes import AdaptiveLayer, PrototypeBank
+from construct.models.student import Student
 
 
 @dataclass
@@ -27,7 +27,8 @@ class ConStructOutput:
     refined: dict[int, torch.Tensor]
     """Adapter outputs per pyramid level (B×C×h×w), for every level that is computed."""
     tokens: torch.Tensor | None = None
-    """CONCH's final-norm last-block tokens (B×(1+h·w)×C), when asked for (token views of L_sim)."""
+    """The student's tokens for L_sim's token views (B×(1+h·w)×C, see
+    :meth:`~construct.models.student.Student.block_features_and_tokens`), when asked for."""
 
 
 def resize_level(features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -40,7 +41,7 @@ def resize_level(features: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class ConStructModel(nn.Module):
-    """Prototype-based CAM model on a frozen CONCH student.
+    """Prototype-based CAM model on a frozen vision-language student (:class:`~construct.models.student.Student`).
 
     Only the pyramid levels that feed CAMs are computed and own an adapter. The structural loss
     is applied to those same refined features, so distillation shapes the CAMs (method.md §9.1).
@@ -50,7 +51,7 @@ class ConStructModel(nn.Module):
 
     def __init__(
         self,
-        conch: ConchModel,
+        student: Student,
         text_embeddings: torch.Tensor,
         feature_blocks: list[int],
         level_scales: list[float],
@@ -65,12 +66,12 @@ class ConStructModel(nn.Module):
         projector_init: str = "default",
     ) -> None:
         super().__init__()
-        self.conch = conch
+        self.student = student
         self.feature_blocks = list(feature_blocks)
         self.level_scales = list(level_scales)
         self.cam_levels = list(cam_levels)
         self.cam_level_weights = list(cam_level_weights)
-        width = conch.trunk_width
+        width = student.trunk_width
         levels = sorted(set(cam_levels) | set(extra_levels))
         self.adapters = nn.ModuleDict({str(level): ResidualAdapter(width, adapter_padding) for level in levels})
         self.prototypes = PrototypeBank(text_embeddings, prototypes_per_class)
@@ -83,8 +84,8 @@ class ConStructModel(nn.Module):
         return self.prototypes.num_classes
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen CONCH weights: what a checkpoint stores."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("conch.")}
+        """Everything but the frozen student's weights: what a checkpoint stores."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Strict load of :meth:`trainable_state_dict` output; raises KeyError/RuntimeError on mismatch."""
@@ -98,10 +99,10 @@ class ConStructModel(nn.Module):
 
     def pyramid(self, images: torch.Tensor, intensity: float = 1.0,
                 with_tokens: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """Frozen CONCH block features of the CAM levels, resized to their pyramid scales, and the
+        """Frozen student block features of the CAM levels, resized to their pyramid scales, and the
         final trunk tokens when ``with_tokens`` (from the same pass, which then runs every block).
 
-        ``intensity`` multiplies CONCH's normalised input (see :meth:`ConchModel.block_features`).
+        ``intensity`` multiplies the student's normalised input (see :meth:`Student.block_features`).
         """
         levels = sorted(self.adapters.keys(), key=int)
         blocks = tuple(self.feature_blocks[int(level)] for level in levels)
@@ -110,9 +111,9 @@ class ConStructModel(nn.Module):
             if with_tokens:
                 if intensity != 1.0:
                     raise ValueError("trunk tokens are only taken from plain (intensity 1.0) passes")
-                grids, tokens = self.conch.block_features_and_tokens(images, blocks=blocks)
+                grids, tokens = self.student.block_features_and_tokens(images, blocks=blocks)
             else:
-                grids = self.conch.block_features(images, blocks=blocks, intensity=intensity)
+                grids = self.student.block_features(images, blocks=blocks, intensity=intensity)
         pyramid = {int(level): resize_level(grid.float(), self.level_scales[int(level)]) for level, grid in zip(levels, grids)}
         return pyramid, tokens
 
@@ -124,7 +125,7 @@ class ConStructModel(nn.Module):
 
     def forward(self, images: torch.Tensor, intensity: float = 1.0, with_tokens: bool = False) -> ConStructOutput:
         """One pass on B×3×H×W [0, 1] images; ``intensity`` ≠ 1 is intensity TTA (see :meth:`pyramid`);
-        ``with_tokens`` also returns CONCH's final trunk tokens."""
+        ``with_tokens`` also returns the student's tokens for L_sim's token views."""
         grids, tokens = self.pyramid(images, intensity, with_tokens)
         refined = {level: self.adapters[str(level)](grid) for level, grid in grids.items()}
         projected = self.adaptive_layer(self.prototypes.prototypes if self.projector_input == "raw" else self.prototypes())

@@ -92,7 +92,7 @@ def _capture(forward: Callable[[Tensor], Any], images: Tensor) -> _Captured:
 def enable_fast_path(tower: nn.Module) -> None:
     """Store a frozen tower's linear and convolution weights in bf16 and replay its forward as CUDA graphs.
 
-    ``tower`` is a :class:`~construct.models.conch.ConchModel` or a
+    ``tower`` is a student (:class:`~construct.models.student.Student`) or a
     :class:`~construct.models.segformer.MiTTeacher` on a CUDA device. Under bf16 autocast these are
     the weights autocast would cast on every call (same rounding), so only the launches go; norms
     and embeddings stay fp32. Calling it again changes nothing.
@@ -101,7 +101,7 @@ def enable_fast_path(tower: nn.Module) -> None:
     if parameter.device.type != "cuda":
         raise ValueError(f"the fast path needs the tower on a CUDA device, not {parameter.device}")
     if not hasattr(tower, "graphs"):
-        raise TypeError(f"{type(tower).__name__} has no graph hook (ConchModel and MiTTeacher have)")
+        raise TypeError(f"{type(tower).__name__} has no graph hook (the students and MiTTeacher have)")
     for module in tower.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             module.to(torch.bfloat16)

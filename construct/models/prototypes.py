@@ -10,10 +10,10 @@ from torch import nn
 
 
 class PrototypeBank(nn.Module):
-    """K learnable prototypes per class in CONCH's 512-d joint embedding space.
+    """K learnable prototypes per class in the student's 512-d joint embedding space.
 
     Each prototype starts at its class's L2-normalised text embedding (method.md §5). Because
-    they live in the joint space, the FG/BG contrastive loss compares them directly with CONCH
+    they live in the joint space, the FG/BG contrastive loss compares them directly with the student's
     image embeddings, while :class:`AdaptiveLayer` projects them onto the refined patch features.
     """
 

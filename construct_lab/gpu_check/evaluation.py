@@ -59,8 +59,8 @@ def run_evaluation(plan: Plan) -> bool:
             result["settings"][name] = _time_setting(predictor, loader, device, config.inference.presence, plan,
                                                      time.time() + share)
         entry = result["settings"][name]
-        if setting_model.conch.graphs is not None:
-            entry["cuda_graphs"] = len(setting_model.conch.graphs)
+        if setting_model.student.graphs is not None:
+            entry["cuda_graphs"] = len(setting_model.student.graphs)
         print(f"  {name}: {entry['images_per_s']:.1f} images/s ({entry['images']} images)", flush=True)
         plan.save_result(result)
     return True

@@ -18,10 +18,10 @@ from construct.config import Config, load_config
 from construct_lab.paths import REPO
 
 # The config file main.py and the children run, and the overrides that make it run offline:
-# real-size random towers (the GPU check) or the demo's tiny towers on 64-px tiles (the CPU dry run).
+# real-size random towers (the GPU check) or the demo's tiny towers (either student) on 64-px tiles (the CPU dry run).
 CONFIGS: dict[bool, tuple[str, list[str]]] = {
     False: ("configs/bcss.yaml", ["model.conch.checkpoint=null", "model.teacher.checkpoint=null"]),
-    True: ("configs/demo_random.yaml", ["testbed.dataset=null", "model.image_size=64"]),
+    True: ("configs/demo_random.yaml", ["testbed.dataset=null", "model.image_size=64", "model.student.preset=tiny"]),
 }
 
 

@@ -254,7 +254,7 @@ def run_training_bench(plan: Plan) -> bool:
 
 def cuda_graph_count(objective: torch.nn.Module) -> int:
     """CUDA graphs the frozen towers of ``objective`` captured (0: the fast path did not engage)."""
-    towers = (objective.model.conch, objective.teacher)
+    towers = (objective.model.student, objective.teacher)
     return sum(len(tower.graphs) for tower in towers if tower is not None and tower.graphs is not None)
 
 

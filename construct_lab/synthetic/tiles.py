@@ -45,10 +45,10 @@ import numpy as np
 
 from construct.classes import ClassSet
 from construct.data.io import write_image, write_mask
-from construct_lab.synthetic.painters import PAINTERS as EXTRA_PAINTERS
-from construct_lab.synthetic.fields import GLASS, STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
 from construct.errors import ConStructError, DataError
 from construct_lab.paths import REPO
+from construct_lab.synthetic.fields import GLASS, STYLES, Painter, Style, cover, mix, nuclei_edge, smooth_noise
+from construct_lab.synthetic.painters import PAINTERS as EXTRA_PAINTERS
 
 MANIFEST = "synthetic.json"
 _VERSION = 1  # bump when the images change, so an old dataset no longer counts as complete

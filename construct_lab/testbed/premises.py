@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from construct.data.datasets import to_tensor
-from construct_lab.synthetic.tiles import PAINTERS, STYLES, TEXTURE_NAMES, Style, make_tile, paint
 from construct.losses.structural import affinity
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
+from construct_lab.synthetic.tiles import PAINTERS, STYLES, TEXTURE_NAMES, Style, make_tile, paint
 from construct_lab.testbed.seeds import HELD_OUT_MIXED_TAG, HELD_OUT_PURE_TAG, tagged_rng
 
 EVAL_SETS: dict[str, tuple[str, str]] = {**{name: (name, "default") for name in PAINTERS}, "classic-variant": ("classic", "variant")}

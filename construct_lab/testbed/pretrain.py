@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from construct.data.datasets import to_tensor
-from construct_lab.synthetic.tiles import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct.errors import ConfigError
 from construct.models.conch import ConchModel, load_conch, tokenize
 from construct.models.segformer import MiTTeacher, mit_config
+from construct_lab.synthetic.tiles import GLASS, PAINTERS, TEXTURE_NAMES, Style, make_tile, paint
 from construct_lab.testbed.augment import stain_jitter
 from construct_lab.testbed.captions import caption
 from construct_lab.testbed.premises import measure_premises
@@ -290,6 +290,27 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def _mismatch(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
+    """What the testbed in a folder differs in from the one a config asks for, in a few words."""
+    if found is None:
+        return f"holds files but no testbed manifest ({MANIFEST})"
+    differing = [key for key in wanted if found.get(key) != wanted[key]]
+    if "prompts" in differing:
+        there, here = list(found.get("prompts") or []), list(wanted["prompts"])
+        first = next(i for i in range(max(len(there), len(here))) if i >= len(there) or i >= len(here)
+                     or there[i] != here[i])
+        shown = [_short(prompts[first]) if first < len(prompts) else "none" for prompts in (here, there)]
+        return (f"holds tiny towers pretrained for other class prompts (prompt {first + 1}: {shown[0]} in this "
+                f"config, {shown[1]} there); the tiny CONCH knows only the prompts it was pretrained on")
+    if differing:
+        return f"holds tiny towers of another {', '.join(differing)}"
+    return "holds a testbed manifest but not both towers"
+
+
+def _short(text: str, limit: int = 48) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 def ensure_testbed(folder: str | Path, seed: int, prompts: Sequence[str], budget: Budget = Budget(),
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain both towers into ``folder`` unless it already holds them for this seed and budget.
@@ -305,8 +326,10 @@ def ensure_testbed(folder: str | Path, seed: int, prompts: Sequence[str], budget
         log(f"{folder}: pretrained tiny towers found (seed {seed}); reusing them")
         return found
     if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(f"{folder} holds files that are not this testbed (seed {seed}, this budget); "
-                          "delete it or choose another folder")
+        raise ConfigError(f"{folder}: {_mismatch(found, wanted)}; the towers there are kept: point "
+                          "model.conch.checkpoint and model.teacher.checkpoint at another folder (e.g. "
+                          f"{folder.parent / 'mine'}/pytorch_model.bin and {folder.parent / 'mine'}/mit) to pretrain towers for this "
+                          "config there on first use")
     log(f"pretraining the tiny CONCH and tiny MiT into {folder} (seed {seed}) ...")
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
