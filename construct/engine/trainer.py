@@ -145,15 +145,16 @@ def train(
     The data check (construct.data.check) reads every label, tile header and val/test mask first:
     a dataset problem stops the run before anything is written or built.
     """
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if checkpoint is not None:  # a checkpoint of the other stage is one line, before the data check
+        require_stage(checkpoint, 1, resume, "main.py --resume")
     report = check_config_data(config, ("train", config.data.val_split, "test"), progress=dist_info.is_main)
     if dist_info.is_main:
         print(report.summary())
     report.raise_if_problems()
     device = dist_info.device
     work_dir = Path(config.work_dir)
-    checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:
-        require_stage(checkpoint, 1, resume, "main.py --resume")
         check_student(checkpoint, config.model.student.name, resume)
     if dist_info.is_main:
         prepare_work_dir(config, resume is not None, overwrite)
