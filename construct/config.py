@@ -433,7 +433,8 @@ class Stage2Config:
     ignore: Literal["none", "crf_changed", "low_confidence"] = "none"
     """Noisy-label guard: pixels left out of the cross-entropy. 'none' = every pixel; 'crf_changed' =
     where the dense CRF changed stage 1's argmax; 'low_confidence' = where stage 1's top class
-    probability is below confidence_threshold (docs/ablation.md compares them)."""
+    probability is below confidence_threshold. Neither guard beat plain cross-entropy on the testbed
+    (docs/ablation.md section 5), so the default is 'none'."""
     confidence_threshold: float = 0.5
     """Top probability (0-1) under which ignore: low_confidence leaves a pixel out."""
     iterations: int = 8000
