@@ -22,9 +22,10 @@ from construct.classes import ClassSet
 from construct.config import Config, load_config
 from construct.data.io import read_image
 from construct.errors import ConStructError
-from construct.inference.predictor import Prediction, Predictor
+from construct.inference.predictor import Prediction
+from construct.inference.segmenter import predictor_for
 from construct.inference.slide import open_slide, predict_slide
-from construct.models.build import load_trained_model
+from construct.models.build import load_either_stage
 
 
 @dataclass
@@ -52,11 +53,12 @@ class Segmenter:
         self.device = torch.device(device)
         self.checkpoint = Path(checkpoint)
         self.classes = ClassSet.from_config(config)
-        model = load_trained_model(config, checkpoint, self.device)
-        self.predictor = Predictor(model, config, self.device, tta=tta, crf=crf and config.inference.crf.enabled)
+        model = load_either_stage(config, checkpoint, self.device)  # stage 1 (CAMs) or stage 2 (segmenter)
+        self.predictor = predictor_for(model, config, self.device, tta=tta, crf=crf)
 
     def predict_tile(self, image: str | Path | np.ndarray) -> TileResult:
-        """Segment one RGB image (a file or an H×W×3 uint8 array) of any size; predicted class presence."""
+        """Segment one RGB image (a file or an H×W×3 uint8 array) of any size; predicted class presence
+        (a stage-2 checkpoint is not gated)."""
         pixels = read_image(image) if isinstance(image, str | Path) else np.asarray(image)
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise ConStructError(f"expected an H×W×3 uint8 RGB image, got {pixels.dtype} of shape {pixels.shape}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from support import BCSS, DEMO_RANDOM, REPO
 
+import construct
 import construct.engine.pseudo_masks as pseudo_module
 from construct.checkpoint import load_checkpoint
 from construct.cli import run_cli
@@ -174,6 +175,10 @@ def test_inference_commands_take_a_stage2_checkpoint(root, reference, tmp_path, 
     info = json.loads((tmp_path / "masks" / "generate_cam.json").read_text())
     assert info["stage"] == 2 and info["cam_values"] == "class probabilities" and info["crf"] is True
     assert info["tta"]["flip"] is True and info["tta"]["forward_passes"] == 2
+
+    with construct.load_segmenter(reference / "best.pth") as segmenter:  # the Python API, config.yaml beside it
+        tile = segmenter.predict_tile(sorted((root / "data" / "test" / "img").glob("*.png"))[0])
+    assert tile.mask.shape == (64, 64) and tile.prediction.protocol == "none" and tile.class_names == BCSS.all_names
 
     slide = tmp_path / "slide.tif"
     write_synthetic_slide(slide, 600, 500, mpp=0.5)

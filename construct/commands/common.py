@@ -9,16 +9,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from construct.checkpoint import checkpoint_stage, load_checkpoint
-from construct.classes import ClassSet
 from construct.cli import add_device_arguments, resolve_device
 from construct.config import Config, load_config
 from construct.data.datasets import eval_dataset, train_dataset
 from construct.inference.predictor import Predictor
-from construct.inference.segmenter import SegmenterPredictor
-from construct.models.build import load_trained_model
+from construct.inference.segmenter import SegmenterPredictor, predictor_for
+from construct.models.build import load_either_stage
 from construct.models.construct import ConStructModel
-from construct.models.segmenter import Segmenter, load_trained_segmenter
+from construct.models.segmenter import Segmenter
 
 TrainedModel = ConStructModel | Segmenter
 """Either stage's network: the CAM model (stage 1) or the segmenter trained on its pseudo-masks (stage 2)."""
@@ -70,21 +68,10 @@ def load(args: argparse.Namespace) -> tuple[Config, TrainedModel, torch.device]:
     return config, load_either_stage(config, args.checkpoint, device), device
 
 
-def load_either_stage(config: Config, path: Path, device: torch.device) -> TrainedModel:
-    """The network of a stage-1 or a stage-2 checkpoint, as the checkpoint says it is."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint_stage(checkpoint) == 2:
-        return load_trained_segmenter(checkpoint, path, ClassSet.from_config(config).names, device)
-    return load_trained_model(config, path, device)
-
-
 def make_predictor(args: argparse.Namespace, config: Config, model: TrainedModel,
                    device: torch.device) -> Predictor | SegmenterPredictor:
     """The predictor of either stage, with --no-tta, --no-crf and --workers applied."""
-    if isinstance(model, Segmenter):
-        return SegmenterPredictor(model, config, device, tta=not args.no_tta, crf=not args.no_crf, workers=args.workers)
-    return Predictor(model, config, device, tta=not args.no_tta,
-                     crf=config.inference.crf.enabled and not args.no_crf, workers=args.workers)
+    return predictor_for(model, config, device, tta=not args.no_tta, crf=not args.no_crf, workers=args.workers)
 
 
 def split_dataset(config: Config, split: str) -> tuple[Dataset, str]:

@@ -21,8 +21,9 @@ from construct.classes import ClassSet
 from construct.config import Config
 from construct.inference.crf import CrfPool
 from construct.inference.postprocess import apply_background_prior
-from construct.inference.predictor import Prediction, inference_autocast, to_uint8_images
+from construct.inference.predictor import Prediction, Predictor, inference_autocast, to_uint8_images
 from construct.inference.tiling import forward_any_size, window_stride
+from construct.models.construct import ConStructModel
 from construct.models.segmenter import Segmenter
 
 NO_GATING = "none"
@@ -137,3 +138,12 @@ class SegmenterPredictor:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def predictor_for(model: ConStructModel | Segmenter, config: Config, device: torch.device, tta: bool = True,
+                  crf: bool = True, workers: int | None = None) -> Predictor | SegmenterPredictor:
+    """The predictor of either stage's network. ``tta`` / ``crf`` allow what the config turns on: stage 1's
+    inference.tta and inference.crf.enabled, stage 2's stage2.tta_flip and stage2.crf."""
+    if isinstance(model, Segmenter):
+        return SegmenterPredictor(model, config, device, tta=tta, crf=crf, workers=workers)
+    return Predictor(model, config, device, tta=tta, crf=crf and config.inference.crf.enabled, workers=workers)

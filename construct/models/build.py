@@ -11,6 +11,7 @@ from construct.checkpoint import (
     check_backbones,
     check_classes,
     check_student,
+    checkpoint_stage,
     load_checkpoint,
     require_stage,
 )
@@ -21,6 +22,7 @@ from construct.models.conch import load_conch
 from construct.models.construct import ConStructModel
 from construct.models.open_clip_student import load_open_clip_student
 from construct.models.segformer import MiTTeacher, load_mit_teacher
+from construct.models.segmenter import Segmenter, load_trained_segmenter
 from construct.models.student import Student
 
 
@@ -100,3 +102,12 @@ def load_trained_model(config: Config, checkpoint_path: str | Path, device: torc
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint_path}: does not fit the model of this config: {exc.args[0]}") from None
     return model.to(device).eval()
+
+
+def load_either_stage(config: Config, checkpoint_path: str | Path,
+                      device: torch.device | str = "cpu") -> ConStructModel | Segmenter:
+    """The network of a stage-1 (CAM model) or stage-2 (segmenter) checkpoint, as the checkpoint says it is."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint_stage(checkpoint) == 2:
+        return load_trained_segmenter(checkpoint, checkpoint_path, ClassSet.from_config(config).names, device)
+    return load_trained_model(config, checkpoint_path, device)
