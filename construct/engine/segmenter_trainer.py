@@ -28,7 +28,14 @@ from construct.engine.data import ResumableSampler, SeededAugmentation
 from construct.engine.distributed import DistInfo, barrier
 from construct.engine.guard import FiniteLossGuard, TrainingError
 from construct.engine.pseudo_masks import IGNORE_INDEX, PseudoMasks, make_pseudo_masks
-from construct.engine.trainer import JsonlLogger, TrainResult, parameter_report, poly_lambda, prepare_work_dir
+from construct.engine.trainer import (
+    JsonlLogger,
+    TrainResult,
+    parameter_report,
+    poly_lambda,
+    prepare_work_dir,
+    refuse_existing_run,
+)
 from construct.errors import CheckpointError
 from construct.inference.segmenter import SegmenterPredictor
 from construct.metrics import ConfusionMatrix
@@ -108,8 +115,10 @@ def train_segmenter(config: Config, dist_info: DistInfo, resume: str | Path | No
     if checkpoint is not None:
         require_stage(checkpoint, 2, resume, "construct-train-seg --resume")
         check_classes(checkpoint, classes.names, resume)
+    run_config = dataclasses.replace(config, work_dir=str(work_dir))
+    refuse_existing_run(run_config, resume is not None, overwrite)
     if dist_info.is_main:
-        prepare_work_dir(dataclasses.replace(config, work_dir=str(work_dir)), resume is not None, overwrite)
+        prepare_work_dir(run_config)
         save_config(config, work_dir / "config.yaml")
         if checkpoint is None:
             (work_dir / "log.jsonl").unlink(missing_ok=True)

@@ -88,13 +88,18 @@ def mixed_precision(train_cfg: TrainConfig, device: torch.device) -> tuple[bool,
     return enabled, dtype, enabled and dtype == torch.float16
 
 
-def prepare_work_dir(config: Config, resume: bool, overwrite: bool) -> None:
-    """Create the run folder; an existing run is reused only with --resume or --overwrite."""
+def refuse_existing_run(config: Config, resume: bool, overwrite: bool) -> None:
+    """An existing run is reused only with --resume or --overwrite (checked before any other work)."""
     work_dir = Path(config.work_dir)
     if (work_dir / "latest.pth").exists() and not (resume or overwrite):
         raise TrainingError(
             f"{work_dir} already holds a run (latest.pth); pass --resume to continue it or --overwrite to start again"
         )
+
+
+def prepare_work_dir(config: Config) -> None:
+    """Create the run folder and check that it is writable."""
+    work_dir = Path(config.work_dir)
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
         probe = work_dir / ".write_test"
@@ -148,6 +153,7 @@ def train(
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:  # a checkpoint of the other stage is one line, before the data check
         require_stage(checkpoint, 1, resume, "main.py --resume")
+    refuse_existing_run(config, resume is not None, overwrite)
     report = check_config_data(config, ("train", config.data.val_split, "test"), progress=dist_info.is_main)
     if dist_info.is_main:
         print(report.summary())
@@ -157,7 +163,7 @@ def train(
     if checkpoint is not None:
         check_student(checkpoint, config.model.student.name, resume)
     if dist_info.is_main:
-        prepare_work_dir(config, resume is not None, overwrite)
+        prepare_work_dir(config)
         save_config(config, work_dir / "config.yaml")
         if checkpoint is None:
             (work_dir / "log.jsonl").unlink(missing_ok=True)
