@@ -23,3 +23,26 @@ LUAD = ClassSet.from_config(load_config(REPO / "configs" / "datasets" / "luad_hi
 def tiny_config(*overrides: str) -> Config:
     """The demo's architecture with random tiny towers at 64 px, plus ``overrides``."""
     return load_config(DEMO_RANDOM, ["model.image_size=64", *overrides])
+
+# Every command-line entry point that runs from a clone (tests/test_layout.py runs each one's --help;
+# the console scripts of pyproject.toml are run by tests/test_install.py).
+ENTRY_POINTS = [
+    ["main.py"],
+    ["visualization_utils/evaluate_performance.py"],
+    ["visualization_utils/generate_cam.py"],
+    ["visualization_utils/visualize_prototypes.py"],
+    ["visualization_utils/predict_slide.py"],
+    ["-m", "construct.commands.train_seg"],
+    ["-m", "construct.commands.check_data"],
+    ["-m", "construct.commands.check_prompts"],
+    ["-m", "construct_lab.synthetic.tiles"],
+    ["-m", "construct_lab.synthetic.slide"],
+    ["-m", "construct_lab.ablate"],
+    ["-m", "construct_lab.bench"],
+    ["-m", "construct_lab.bench_slide"],
+    ["-m", "construct_lab.bench_data_check"],
+    ["-m", "construct_lab.demo"],
+    ["-m", "construct_lab.pretrain_tiny"],
+    ["-m", "construct_lab.config_reference"],
+    ["-m", "construct_lab.gpu_check"],
+]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import ENTRY_POINTS, REPO
 
 PACKAGES = (REPO / "construct", REPO / "construct_lab")
 
@@ -18,26 +18,6 @@ PACKAGES = (REPO / "construct", REPO / "construct_lab")
 LOWER_LAYERS = ("construct.models", "construct.data", "construct.losses", "construct.inference")
 UPPER_LAYERS = ("construct.engine", "construct.commands", "construct.api", "construct_lab")
 
-ENTRY_POINTS = [
-    ["main.py"],
-    ["visualization_utils/evaluate_performance.py"],
-    ["visualization_utils/generate_cam.py"],
-    ["visualization_utils/visualize_prototypes.py"],
-    ["visualization_utils/predict_slide.py"],
-    ["-m", "construct.commands.train_seg"],
-    ["-m", "construct.commands.check_data"],
-    ["-m", "construct.commands.check_prompts"],
-    ["-m", "construct_lab.synthetic.tiles"],
-    ["-m", "construct_lab.synthetic.slide"],
-    ["-m", "construct_lab.ablate"],
-    ["-m", "construct_lab.bench"],
-    ["-m", "construct_lab.bench_slide"],
-    ["-m", "construct_lab.bench_data_check"],
-    ["-m", "construct_lab.demo"],
-    ["-m", "construct_lab.pretrain_tiny"],
-    ["-m", "construct_lab.config_reference"],
-    ["-m", "construct_lab.gpu_check"],
-]
 
 
 def module_name(path: Path) -> str:
